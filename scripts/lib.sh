@@ -1,0 +1,54 @@
+# Shared by scripts/setup.sh and scripts/test.sh: install what microvm needs
+# from Debian and build every artifact into build/.
+# shellcheck shell=bash
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+build_dir="$repo/build"
+
+# Debian packages: the guest kernel's source and tools to build it, the
+# test host's kernel, QEMU, busybox for guest images, kmod for module lookup.
+packages=(
+    linux-source-6.1 flex bison bc libelf-dev libssl-dev build-essential xz-utils
+    linux-image-amd64 kmod qemu-system-x86 busybox-static
+)
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+install_packages() {
+    local missing=()
+    for package in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "== installing Debian packages: ${missing[*]}"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    # The test host loads modules by name: make sure they are indexed.
+    local release
+    for image in /boot/vmlinuz-*; do
+        release=${image#/boot/vmlinuz-}
+        [ -f "/lib/modules/$release/modules.dep" ] || as_root depmod "$release"
+    done
+}
+
+build_all() {
+    mkdir -p "$build_dir"
+    echo "== guest kernel"
+    "$repo/guest-kernel-config/build.sh" --out "$build_dir/vmlinux" >/dev/null
+
+    echo "== static guest binaries (testhost-init, probe-init)"
+    # An explicit --target keeps +crt-static away from build scripts and proc macros.
+    RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
+        --target x86_64-unknown-linux-gnu \
+        -p microvm-tests --bin testhost-init -p rootfs-builder --bin probe-init
+    local static="$repo/target/x86_64-unknown-linux-gnu/release"
+    cp "$static/testhost-init" "$static/probe-init" "$build_dir/"
+
+    echo "== host tools"
+    cargo build --quiet --workspace --bins
+    "$repo/target/debug/rootfs-builder" initramfs \
+        --init "$build_dir/probe-init" --out "$build_dir/probe-initramfs.cpio" >/dev/null
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: installs and builds what is missing (as
+# scripts/setup.sh does), then runs `cargo test` with one KVM test host booted
+# for the whole run when this machine's /dev/kvm is PVM or missing.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$repo"
+install_packages
+build_all
+echo "== tests"
+if grep -qE '^flags.*\b(vmx|svm)\b' /proc/cpuinfo && [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ]; then
+    cargo test --workspace
+else
+    "$repo/target/debug/testhost" with -- cargo test --workspace
+fi
