@@ -33,7 +33,11 @@ pub enum CpioError {
     #[error("cannot read {path}: {source}")]
     ReadSource { path: PathBuf, source: io::Error },
     #[error("{path} changed size while it was archived (expected {expected} bytes, got {actual})")]
-    SourceChanged { path: PathBuf, expected: u64, actual: u64 },
+    SourceChanged {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
     #[error("{0} is larger than the 4 GiB a newc entry can hold")]
     TooLarge(String),
     #[error("malformed cpio archive: {0}")]
@@ -129,7 +133,9 @@ impl Archive {
         while let Some(pos) = path[end..].find('/') {
             let parent = &path[..end + pos];
             match self.entries.get(parent) {
-                Some(Entry { node: Node::Dir, .. }) => {}
+                Some(Entry {
+                    node: Node::Dir, ..
+                }) => {}
                 Some(other) => {
                     return Err(CpioError::NotADirectory {
                         path: parent.to_string(),
@@ -233,19 +239,34 @@ impl Archive {
 
     /// Writes the archive to `out`.
     pub fn write_to(&self, out: &mut impl Write) -> Result<(), CpioError> {
-        let mut writer = CountingWriter { inner: out, written: 0 };
-        let mut ino = 1u32;
-        for (path, entry) in &self.entries {
+        let mut writer = CountingWriter {
+            inner: out,
+            written: 0,
+        };
+        for (ino, (path, entry)) in (1u32..).zip(&self.entries) {
             let mode = entry.node.type_bits() | entry.permissions;
             let (rdev_major, rdev_minor) = match entry.node {
                 Node::CharDev { major, minor } | Node::BlockDev { major, minor } => (major, minor),
                 _ => (0, 0),
             };
-            let nlink = if matches!(entry.node, Node::Dir) { 2 } else { 1 };
+            let nlink = if matches!(entry.node, Node::Dir) {
+                2
+            } else {
+                1
+            };
             match &entry.node {
                 Node::File(FileData::Bytes(bytes)) => {
                     let size = size_u32(path, bytes.len() as u64)?;
-                    write_header(&mut writer, ino, mode, nlink, size, rdev_major, rdev_minor, path)?;
+                    write_header(
+                        &mut writer,
+                        ino,
+                        mode,
+                        nlink,
+                        size,
+                        rdev_major,
+                        rdev_minor,
+                        path,
+                    )?;
                     writer.write_all(bytes)?;
                 }
                 Node::File(FileData::HostFile(source)) => {
@@ -256,9 +277,18 @@ impl Archive {
                     let mut file = File::open(source).map_err(read_err)?;
                     let expected = file.metadata().map_err(read_err)?.len();
                     let size = size_u32(path, expected)?;
-                    write_header(&mut writer, ino, mode, nlink, size, rdev_major, rdev_minor, path)?;
-                    let actual = io::copy(&mut (&mut file).take(expected), &mut writer)
-                        .map_err(read_err)?;
+                    write_header(
+                        &mut writer,
+                        ino,
+                        mode,
+                        nlink,
+                        size,
+                        rdev_major,
+                        rdev_minor,
+                        path,
+                    )?;
+                    let actual =
+                        io::copy(&mut (&mut file).take(expected), &mut writer).map_err(read_err)?;
                     if actual != expected {
                         return Err(CpioError::SourceChanged {
                             path: source.clone(),
@@ -269,15 +299,32 @@ impl Archive {
                 }
                 Node::Symlink(target) => {
                     let size = size_u32(path, target.len() as u64)?;
-                    write_header(&mut writer, ino, mode, nlink, size, rdev_major, rdev_minor, path)?;
+                    write_header(
+                        &mut writer,
+                        ino,
+                        mode,
+                        nlink,
+                        size,
+                        rdev_major,
+                        rdev_minor,
+                        path,
+                    )?;
                     writer.write_all(target.as_bytes())?;
                 }
                 Node::Dir | Node::CharDev { .. } | Node::BlockDev { .. } => {
-                    write_header(&mut writer, ino, mode, nlink, 0, rdev_major, rdev_minor, path)?;
+                    write_header(
+                        &mut writer,
+                        ino,
+                        mode,
+                        nlink,
+                        0,
+                        rdev_major,
+                        rdev_minor,
+                        path,
+                    )?;
                 }
             }
             writer.pad4()?;
-            ino += 1;
         }
         write_header(&mut writer, 0, 0, 1, 0, 0, 0, TRAILER)?;
         writer.pad4()?;
@@ -457,12 +504,16 @@ mod tests {
 
     fn sample() -> Archive {
         let mut archive = Archive::new();
-        archive.add_file("bin/init", 0o755, b"#!init".to_vec()).unwrap();
+        archive
+            .add_file("bin/init", 0o755, b"#!init".to_vec())
+            .unwrap();
         archive.add_symlink("bin/sh", "busybox").unwrap();
         archive.add_char_device("dev/console", 0o600, 5, 1).unwrap();
         archive.add_block_device("dev/vda", 0o660, 254, 0).unwrap();
         archive.add_dir("proc", 0o555).unwrap();
-        archive.add_file("etc/odd-size", 0o644, vec![7u8; 5]).unwrap();
+        archive
+            .add_file("etc/odd-size", 0o644, vec![7u8; 5])
+            .unwrap();
         archive
     }
 
@@ -509,7 +560,9 @@ mod tests {
         );
         assert_eq!(find("proc").permissions, 0o555);
         assert_eq!(find("etc/odd-size").kind, EntryKind::File(vec![7u8; 5]));
-        assert!(entries.iter().all(|e| e.uid == 0 && e.gid == 0 && e.mtime == 0));
+        assert!(entries
+            .iter()
+            .all(|e| e.uid == 0 && e.gid == 0 && e.mtime == 0));
     }
 
     #[test]
@@ -518,11 +571,19 @@ mod tests {
         // Same entries added in another order.
         let mut reordered = Archive::new();
         reordered.add_dir("proc", 0o555).unwrap();
-        reordered.add_file("etc/odd-size", 0o644, vec![7u8; 5]).unwrap();
-        reordered.add_block_device("dev/vda", 0o660, 254, 0).unwrap();
-        reordered.add_char_device("dev/console", 0o600, 5, 1).unwrap();
+        reordered
+            .add_file("etc/odd-size", 0o644, vec![7u8; 5])
+            .unwrap();
+        reordered
+            .add_block_device("dev/vda", 0o660, 254, 0)
+            .unwrap();
+        reordered
+            .add_char_device("dev/console", 0o600, 5, 1)
+            .unwrap();
         reordered.add_symlink("bin/sh", "busybox").unwrap();
-        reordered.add_file("bin/init", 0o755, b"#!init".to_vec()).unwrap();
+        reordered
+            .add_file("bin/init", 0o755, b"#!init".to_vec())
+            .unwrap();
         assert_eq!(first, bytes_of(&reordered));
         assert_eq!(first.len() % 4, 0);
     }

@@ -27,7 +27,10 @@ fn initramfs(args: &[String]) -> Result<()> {
     let mut extra = Vec::new();
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
-        let mut value = || iter.next().with_context(|| format!("{flag} needs a value\n{USAGE}"));
+        let mut value = || {
+            iter.next()
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
+        };
         match flag.as_str() {
             "--init" => init = Some(PathBuf::from(value()?)),
             "--out" => out = Some(PathBuf::from(value()?)),

@@ -78,7 +78,14 @@ pub fn run(
             let frame = match Frame::read_from(&mut stream) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return Err(lost()),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
                 Err(_) => return Err(lost()),
             };
             match frame.kind {

@@ -115,7 +115,8 @@ static VM_HOST: OnceLock<Result<VmHost, String>> = OnceLock::new();
 /// Panics with the reason when there is none: a VM test must fail, not pass,
 /// when it cannot run.
 pub fn vm_host(testhost_binary: &str) -> &'static VmHost {
-    let host = VM_HOST.get_or_init(|| choose_vm_host(Path::new(testhost_binary)).map_err(|e| format!("{e:#}")));
+    let host = VM_HOST
+        .get_or_init(|| choose_vm_host(Path::new(testhost_binary)).map_err(|e| format!("{e:#}")));
     match host {
         Ok(host) => host,
         Err(reason) => panic!("VM tests cannot run here: {reason}"),
@@ -249,9 +250,14 @@ mod tests {
         std::fs::create_dir_all(&modules).unwrap();
         assert!(matches!(Kvm::detect_at(&dev, &modules), Kvm::Missing(_)));
         std::fs::write(&dev, b"").unwrap();
-        assert!(matches!(Kvm::detect_at(&dev, &modules), Kvm::Missing(m) if m.contains("kvm_intel")));
+        assert!(
+            matches!(Kvm::detect_at(&dev, &modules), Kvm::Missing(m) if m.contains("kvm_intel"))
+        );
         std::fs::create_dir_all(modules.join("kvm_amd")).unwrap();
-        assert_eq!(Kvm::detect_at(&dev, &modules), Kvm::Hardware("kvm_amd".into()));
+        assert_eq!(
+            Kvm::detect_at(&dev, &modules),
+            Kvm::Hardware("kvm_amd".into())
+        );
         std::fs::create_dir_all(modules.join("kvm_pvm")).unwrap();
         assert_eq!(Kvm::detect_at(&dev, &modules), Kvm::Pvm);
         std::fs::remove_dir_all(&root).unwrap();

@@ -25,7 +25,9 @@ pub enum ProbeError {
     TimedOut { timeout: Duration, tail: String },
     #[error("the guest ended ({status}) without printing {MARKER}. Last console lines:\n{tail}")]
     NoMarker { status: String, tail: String },
-    #[error("the guest printed {MARKER} but QEMU then ended with {status}. Last console lines:\n{tail}")]
+    #[error(
+        "the guest printed {MARKER} but QEMU then ended with {status}. Last console lines:\n{tail}"
+    )]
     UncleanExit { status: String, tail: String },
     #[error("running QEMU: {0:#}")]
     Run(anyhow::Error),

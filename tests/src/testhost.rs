@@ -125,7 +125,9 @@ pub fn find_host_kernel(root: &Path) -> Result<HostKernel, TestHostError> {
     for entry in fs::read_dir(&boot).map_err(|_| missing())? {
         let Ok(entry) = entry else { continue };
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(release) = name.strip_prefix("vmlinuz-") else { continue };
+        let Some(release) = name.strip_prefix("vmlinuz-") else {
+            continue;
+        };
         let modules = root.join("lib/modules").join(release);
         if modules.join("modules.dep").is_file() {
             found.push(HostKernel {
@@ -140,7 +142,7 @@ pub fn find_host_kernel(root: &Path) -> Result<HostKernel, TestHostError> {
             )));
         }
     }
-    found.sort_by(|a, b| version_key(&a.release).cmp(&version_key(&b.release)));
+    found.sort_by_key(|kernel| version_key(&kernel.release));
     found.pop().ok_or_else(missing)
 }
 
@@ -154,7 +156,11 @@ fn version_key(release: &str) -> Vec<u64> {
 
 /// The `.ko` files to load, in dependency order, for `names`. Uses the
 /// module index (modules.dep) through `modprobe --show-depends`.
-pub fn module_load_order(kernel: &HostKernel, system_root: &Path, names: &[&str]) -> Result<Vec<PathBuf>, TestHostError> {
+pub fn module_load_order(
+    kernel: &HostKernel,
+    system_root: &Path,
+    names: &[&str],
+) -> Result<Vec<PathBuf>, TestHostError> {
     let mut order: Vec<PathBuf> = Vec::new();
     for name in names {
         let output = Command::new("modprobe")
@@ -175,7 +181,9 @@ pub fn module_load_order(kernel: &HostKernel, system_root: &Path, names: &[&str]
         }
         for line in String::from_utf8_lossy(&output.stdout).lines() {
             // "insmod /lib/modules/…/x.ko [params]" or "builtin x".
-            let Some(path) = line.strip_prefix("insmod ") else { continue };
+            let Some(path) = line.strip_prefix("insmod ") else {
+                continue;
+            };
             let path = PathBuf::from(path.split_whitespace().next().unwrap_or_default());
             if !order.contains(&path) {
                 order.push(path);
@@ -186,7 +194,11 @@ pub fn module_load_order(kernel: &HostKernel, system_root: &Path, names: &[&str]
 }
 
 /// Writes the test host's initramfs: the init and its modules.
-pub fn write_initramfs(config: &Config, kernel: &HostKernel, out: &Path) -> Result<(), TestHostError> {
+pub fn write_initramfs(
+    config: &Config,
+    kernel: &HostKernel,
+    out: &Path,
+) -> Result<(), TestHostError> {
     if !config.init.is_file() {
         return Err(TestHostError::Missing(format!(
             "test-host init {} is missing: build it with scripts/build.sh",
@@ -199,25 +211,40 @@ pub fn write_initramfs(config: &Config, kernel: &HostKernel, out: &Path) -> Resu
         context: "building the test-host initramfs".into(),
         source: io::Error::other(e.to_string()),
     };
-    archive.add_host_file("init", &config.init).map_err(cpio_err)?;
-    archive.add_char_device("dev/console", 0o600, 5, 1).map_err(cpio_err)?;
+    archive
+        .add_host_file("init", &config.init)
+        .map_err(cpio_err)?;
+    archive
+        .add_char_device("dev/console", 0o600, 5, 1)
+        .map_err(cpio_err)?;
     let mut order = String::new();
     for (index, module) in modules.iter().enumerate() {
         // modprobe printed paths as seen from `system_root`.
         let relative = module.strip_prefix("/").unwrap_or(module);
         let source = config.system_root.join(relative);
-        let file_name = format!("{index:02}-{}", module.file_name().unwrap_or_default().to_string_lossy());
-        archive.add_host_file(&format!("modules/{file_name}"), &source).map_err(cpio_err)?;
+        let file_name = format!(
+            "{index:02}-{}",
+            module.file_name().unwrap_or_default().to_string_lossy()
+        );
+        archive
+            .add_host_file(&format!("modules/{file_name}"), &source)
+            .map_err(cpio_err)?;
         order.push_str(&file_name);
         order.push('\n');
     }
-    archive.add_file("modules/order", 0o644, order).map_err(cpio_err)?;
+    archive
+        .add_file("modules/order", 0o644, order)
+        .map_err(cpio_err)?;
     archive.write_file(out).map_err(cpio_err)
 }
 
 fn find_in_path(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join(program)).collect::<Vec<_>>())
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(program))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default()
         .into_iter()
         .find(|candidate| candidate.is_file())
@@ -225,7 +252,9 @@ fn find_in_path(program: &str) -> Option<PathBuf> {
 
 /// The last `count` lines of a log file (empty if it cannot be read).
 pub fn tail_lines(path: &Path, count: usize) -> String {
-    let Ok(file) = fs::File::open(path) else { return String::new() };
+    let Ok(file) = fs::File::open(path) else {
+        return String::new();
+    };
     let lines: Vec<String> = BufReader::new(file).lines().map_while(Result::ok).collect();
     lines[lines.len().saturating_sub(count)..].join("\n")
 }
@@ -262,10 +291,11 @@ impl Supervisor {
 
         let port_socket = dir.join(QEMU_PORT_SOCKET);
         let _ = fs::remove_file(&port_socket);
-        let port_listener =
-            UnixListener::bind(&port_socket).map_err(io_err(format!("binding {}", port_socket.display())))?;
+        let port_listener = UnixListener::bind(&port_socket)
+            .map_err(io_err(format!("binding {}", port_socket.display())))?;
         let console = dir.join(CONSOLE_LOG);
-        let qemu_log = fs::File::create(dir.join("qemu.log")).map_err(io_err("creating qemu.log"))?;
+        let qemu_log =
+            fs::File::create(dir.join("qemu.log")).map_err(io_err("creating qemu.log"))?;
         let cmdline = format!(
             "console=ttyS0 panic=-1 loglevel=4 mitigations=off {}",
             config.extra_cmdline
@@ -304,14 +334,20 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let mut qemu = command.spawn().map_err(io_err("starting qemu-system-x86_64"))?;
+        let mut qemu = command
+            .spawn()
+            .map_err(io_err("starting qemu-system-x86_64"))?;
 
         let fail = |qemu: &mut Child, reason: String| {
             let _ = qemu.kill();
             let _ = qemu.wait();
             let qemu_said = tail_lines(&dir.join("qemu.log"), 10);
             TestHostError::Boot {
-                reason: if qemu_said.is_empty() { reason } else { format!("{reason}; QEMU said: {qemu_said}") },
+                reason: if qemu_said.is_empty() {
+                    reason
+                } else {
+                    format!("{reason}; QEMU said: {qemu_said}")
+                },
                 console: console.clone(),
                 tail: tail_lines(&console, 50),
             }
@@ -329,7 +365,9 @@ impl Supervisor {
         let (ready_tx, ready_rx) = mpsc::channel();
         let port_closed = Arc::new(AtomicBool::new(false));
         {
-            let reader = port.try_clone().map_err(io_err("cloning the port socket"))?;
+            let reader = port
+                .try_clone()
+                .map_err(io_err("cloning the port socket"))?;
             let routes = routes.clone();
             let port_closed = port_closed.clone();
             thread::spawn(move || route_guest_frames(reader, routes, ready_tx, port_closed));
@@ -360,9 +398,13 @@ impl Supervisor {
     pub fn serve(self, stop: Arc<AtomicBool>) -> Result<(), TestHostError> {
         let socket = self.dir.join(CONTROL_SOCKET);
         let _ = fs::remove_file(&socket);
-        let listener = UnixListener::bind(&socket).map_err(io_err(format!("binding {}", socket.display())))?;
-        listener.set_nonblocking(true).map_err(io_err("control socket"))?;
-        fs::write(self.dir.join(READY_FILE), &self.kernel_release).map_err(io_err("writing the ready file"))?;
+        let listener =
+            UnixListener::bind(&socket).map_err(io_err(format!("binding {}", socket.display())))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("control socket"))?;
+        fs::write(self.dir.join(READY_FILE), &self.kernel_release)
+            .map_err(io_err("writing the ready file"))?;
         let this = Arc::new(self);
         let result = loop {
             if stop.load(Ordering::SeqCst) {
@@ -385,7 +427,9 @@ impl Supervisor {
                         }
                     });
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(50)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    thread::sleep(Duration::from_millis(50))
+                }
                 Err(e) => break Err(io_err("accepting clients")(e)),
             }
         };
@@ -402,20 +446,30 @@ impl Supervisor {
         let pid = self.qemu.id() as i32;
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-                Ok(nix::sys::wait::WaitStatus::StillAlive) => thread::sleep(Duration::from_millis(50)),
+            match nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            ) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                    thread::sleep(Duration::from_millis(50))
+                }
                 _ => return,
             }
         }
         tracing::warn!("test host did not power off within 10 s; killing QEMU");
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
     }
 
     fn serve_client(&self, client: UnixStream, stop: &AtomicBool) -> io::Result<()> {
         client.set_nonblocking(false)?;
         let mut reader = client.try_clone()?;
-        let Some(first) = Frame::read_from(&mut reader)? else { return Ok(()) };
+        let Some(first) = Frame::read_from(&mut reader)? else {
+            return Ok(());
+        };
         match first.kind {
             Kind::Shutdown => {
                 stop.store(true, Ordering::SeqCst);
@@ -445,7 +499,11 @@ impl Supervisor {
             }
         }
         if self.routes.lock().unwrap().contains_key(&channel) {
-            let _ = self.send_to_guest(&Frame::new(channel, Kind::Signal, (libc::SIGKILL).to_le_bytes().to_vec()));
+            let _ = self.send_to_guest(&Frame::new(
+                channel,
+                Kind::Signal,
+                (libc::SIGKILL).to_le_bytes().to_vec(),
+            ));
         }
         let _ = writer.join();
         Ok(())
@@ -465,7 +523,12 @@ fn forward_to_client(mut client: UnixStream, frames: Receiver<Frame>) {
 }
 
 /// Reads the command port and hands each frame to its command's client.
-fn route_guest_frames(mut port: UnixStream, routes: Routes, ready: Sender<String>, closed: Arc<AtomicBool>) {
+fn route_guest_frames(
+    mut port: UnixStream,
+    routes: Routes,
+    ready: Sender<String>,
+    closed: Arc<AtomicBool>,
+) {
     loop {
         match Frame::read_from(&mut port) {
             Ok(Some(frame)) if frame.kind == Kind::Ready => {
@@ -474,7 +537,11 @@ fn route_guest_frames(mut port: UnixStream, routes: Routes, ready: Sender<String
             Ok(Some(frame)) => {
                 let last = matches!(frame.kind, Kind::Exit | Kind::SpawnFailed);
                 let mut routes = routes.lock().unwrap();
-                let route = if last { routes.remove(&frame.channel) } else { routes.get(&frame.channel).cloned() };
+                let route = if last {
+                    routes.remove(&frame.channel)
+                } else {
+                    routes.get(&frame.channel).cloned()
+                };
                 if let Some(route) = route {
                     let _ = route.send(frame);
                 }
@@ -495,7 +562,11 @@ fn qemu_exited(qemu: &mut Child) -> Option<String> {
     }
 }
 
-fn accept_within(listener: &UnixListener, qemu: &mut Child, timeout: Duration) -> Result<UnixStream, String> {
+fn accept_within(
+    listener: &UnixListener,
+    qemu: &mut Child,
+    timeout: Duration,
+) -> Result<UnixStream, String> {
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + timeout;
     loop {
@@ -511,13 +582,19 @@ fn accept_within(listener: &UnixListener, qemu: &mut Child, timeout: Duration) -
             return Err(reason);
         }
         if Instant::now() > deadline {
-            return Err(format!("QEMU did not connect its command port within {timeout:?}"));
+            return Err(format!(
+                "QEMU did not connect its command port within {timeout:?}"
+            ));
         }
         thread::sleep(Duration::from_millis(20));
     }
 }
 
-fn wait_ready(ready: &Receiver<String>, qemu: &mut Child, timeout: Duration) -> Result<String, String> {
+fn wait_ready(
+    ready: &Receiver<String>,
+    qemu: &mut Child,
+    timeout: Duration,
+) -> Result<String, String> {
     let deadline = Instant::now() + timeout;
     loop {
         match ready.recv_timeout(Duration::from_millis(100)) {
@@ -538,7 +615,9 @@ fn wait_ready(ready: &Receiver<String>, qemu: &mut Child, timeout: Duration) -> 
             return Err(reason);
         }
         if Instant::now() > deadline {
-            return Err(format!("timed out after {timeout:?} waiting for the test host to be ready"));
+            return Err(format!(
+                "timed out after {timeout:?} waiting for the test host to be ready"
+            ));
         }
     }
 }
@@ -559,7 +638,9 @@ pub fn spawn_request_here(argv: Vec<String>) -> SpawnRequest {
     SpawnRequest {
         argv,
         env: std::env::vars().collect(),
-        cwd: std::env::current_dir().ok().map(|d| d.to_string_lossy().into_owned()),
+        cwd: std::env::current_dir()
+            .ok()
+            .map(|d| d.to_string_lossy().into_owned()),
     }
 }
 
@@ -572,7 +653,9 @@ mod tests {
         let root = std::env::temp_dir().join(format!("testhost-kernel-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(root.join("boot")).unwrap();
-        assert!(matches!(find_host_kernel(&root), Err(TestHostError::Missing(m)) if m.contains("linux-image-amd64")));
+        assert!(
+            matches!(find_host_kernel(&root), Err(TestHostError::Missing(m)) if m.contains("linux-image-amd64"))
+        );
         for release in ["6.1.0-9-amd64", "6.1.0-56-amd64", "6.1.0-10-amd64"] {
             fs::write(root.join(format!("boot/vmlinuz-{release}")), b"").unwrap();
             fs::create_dir_all(root.join(format!("lib/modules/{release}"))).unwrap();
@@ -596,7 +679,9 @@ mod tests {
             release: "x".into(),
             modules: PathBuf::from("/lib/modules/x"),
         };
-        let err = write_initramfs(&config, &kernel, Path::new("/tmp/unused.cpio")).unwrap_err().to_string();
+        let err = write_initramfs(&config, &kernel, Path::new("/tmp/unused.cpio"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/testhost-init"), "{err}");
     }
 }

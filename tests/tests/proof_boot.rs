@@ -25,8 +25,14 @@ fn a_guest_without_init_ends_with_its_panic_not_a_hang() {
     let kernel = artifact("vmlinux").unwrap();
     let initrd = artifact("probe-initramfs.cpio").unwrap();
     // panic=-1 resets the guest, which ends QEMU (-no-reboot).
-    let err = boot_probe(host(), &kernel, &initrd, "rdinit=/missing", Duration::from_secs(120))
-        .unwrap_err();
+    let err = boot_probe(
+        host(),
+        &kernel,
+        &initrd,
+        "rdinit=/missing",
+        Duration::from_secs(120),
+    )
+    .unwrap_err();
     assert!(matches!(err, ProbeError::NoMarker { .. }), "{err}");
     assert!(err.to_string().contains("Kernel panic"), "{err}");
 }
@@ -36,8 +42,14 @@ fn a_hung_guest_times_out_with_its_last_console_lines() {
     let kernel = artifact("vmlinux").unwrap();
     let initrd = artifact("probe-initramfs.cpio").unwrap();
     // panic=0 (the later value wins) leaves the panicked guest hanging.
-    let err = boot_probe(host(), &kernel, &initrd, "rdinit=/missing panic=0", Duration::from_secs(20))
-        .unwrap_err();
+    let err = boot_probe(
+        host(),
+        &kernel,
+        &initrd,
+        "rdinit=/missing panic=0",
+        Duration::from_secs(20),
+    )
+    .unwrap_err();
     assert!(matches!(err, ProbeError::TimedOut { .. }), "{err}");
     assert!(err.to_string().contains("Kernel panic"), "{err}");
 }

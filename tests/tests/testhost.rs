@@ -15,7 +15,11 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 #[test]
 fn output_and_exit_code_come_back_separately() {
     let out = host()
-        .run(&["sh", "-c", "echo out; echo err >&2; exit 7"], b"", TIMEOUT)
+        .run(
+            &["sh", "-c", "echo out; echo err >&2; exit 7"],
+            b"",
+            TIMEOUT,
+        )
         .unwrap();
     assert_eq!(out.status, ExitStatus::Code(7));
     assert_eq!(out.stdout_text(), "out\n");
@@ -25,7 +29,9 @@ fn output_and_exit_code_come_back_separately() {
 
 #[test]
 fn death_by_signal_is_reported_as_such() {
-    let out = host().run(&["sh", "-c", "kill -TERM $$"], b"", TIMEOUT).unwrap();
+    let out = host()
+        .run(&["sh", "-c", "kill -TERM $$"], b"", TIMEOUT)
+        .unwrap();
     assert_eq!(out.status, ExitStatus::Signal(libc::SIGTERM));
     assert_eq!(out.status.shell_code(), 143);
 }
@@ -77,7 +83,11 @@ fn a_command_past_its_timeout_is_killed_with_its_children() {
         .unwrap();
     assert!(out.timed_out);
     assert_eq!(out.status, ExitStatus::Signal(libc::SIGKILL));
-    assert!(out.elapsed < Duration::from_secs(30), "took {:?}", out.elapsed);
+    assert!(
+        out.elapsed < Duration::from_secs(30),
+        "took {:?}",
+        out.elapsed
+    );
     assert_eq!(out.stdout_text(), "");
 }
 
@@ -93,9 +103,18 @@ fn a_missing_program_is_a_clear_error() {
 #[test]
 fn vms_can_run_there() {
     let out = host()
-        .run(&["sh", "-c", "test -c /dev/kvm && ls /sys/module"], b"", TIMEOUT)
+        .run(
+            &["sh", "-c", "test -c /dev/kvm && ls /sys/module"],
+            b"",
+            TIMEOUT,
+        )
         .unwrap();
-    assert_eq!(out.status, ExitStatus::Code(0), "no /dev/kvm: {}", out.stderr_text());
+    assert_eq!(
+        out.status,
+        ExitStatus::Code(0),
+        "no /dev/kvm: {}",
+        out.stderr_text()
+    );
     let modules = out.stdout_text();
     assert!(
         modules.lines().any(|m| m == "kvm_amd" || m == "kvm_intel"),

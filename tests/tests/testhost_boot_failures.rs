@@ -43,11 +43,19 @@ fn an_init_that_cannot_run_ends_the_boot_with_the_kernel_panic() {
 
 #[test]
 fn a_boot_that_hangs_times_out_with_the_last_console_lines() {
-    let err = boot_error(&config("/bin/true", "panic=0", Duration::from_secs(45)), "hang");
+    let err = boot_error(
+        &config("/bin/true", "panic=0", Duration::from_secs(45)),
+        "hang",
+    );
     let text = err.to_string();
     assert!(text.contains("timed out after 45s"), "{text}");
     assert!(text.contains("Kernel panic"), "{text}");
-    let lines = text.split("console lines").nth(1).unwrap_or_default().lines().count();
+    let lines = text
+        .split("console lines")
+        .nth(1)
+        .unwrap_or_default()
+        .lines()
+        .count();
     assert!(lines <= 52, "more than 50 console lines: {lines}");
 }
 
@@ -57,5 +65,8 @@ fn a_missing_init_binary_is_named() {
         &config("/nonexistent/testhost-init", "", Duration::from_secs(10)),
         "noinit",
     );
-    assert!(err.to_string().contains("/nonexistent/testhost-init"), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/testhost-init"),
+        "{err}"
+    );
 }

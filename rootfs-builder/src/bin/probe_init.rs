@@ -28,7 +28,10 @@ fn main() {
         libc::reboot(libc::RB_AUTOBOOT);
     }
     // reboot only returns on failure; PID 1 must not exit (that panics the kernel).
-    eprintln!("probe-init: reboot failed: {}", std::io::Error::last_os_error());
+    eprintln!(
+        "probe-init: reboot failed: {}",
+        std::io::Error::last_os_error()
+    );
     loop {
         std::thread::park();
     }

@@ -52,13 +52,20 @@ fn parse(args: &[String]) -> Result<Options> {
     let mut options = Options::default();
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
-        let mut value = || iter.next().with_context(|| format!("{arg} needs a value\n{USAGE}"));
+        let mut value = || {
+            iter.next()
+                .with_context(|| format!("{arg} needs a value\n{USAGE}"))
+        };
         match arg.as_str() {
             "--dir" => options.dir = Some(PathBuf::from(value()?)),
             "--memory" => options.memory_mib = Some(value()?.parse().context("--memory")?),
             "--cpus" => options.cpus = Some(value()?.parse().context("--cpus")?),
-            "--exit-with-pid" => options.exit_with_pid = Some(value()?.parse().context("--exit-with-pid")?),
-            "--timeout" => options.timeout = Some(Duration::from_secs(value()?.parse().context("--timeout")?)),
+            "--exit-with-pid" => {
+                options.exit_with_pid = Some(value()?.parse().context("--exit-with-pid")?)
+            }
+            "--timeout" => {
+                options.timeout = Some(Duration::from_secs(value()?.parse().context("--timeout")?))
+            }
             "-i" => options.interactive = true,
             "--runs" => options.runs = Some(value()?.parse().context("--runs")?),
             "--" => {
@@ -66,7 +73,9 @@ fn parse(args: &[String]) -> Result<Options> {
                 break;
             }
             other if !other.starts_with('-') => {
-                options.command = std::iter::once(other.to_string()).chain(iter.cloned()).collect();
+                options.command = std::iter::once(other.to_string())
+                    .chain(iter.cloned())
+                    .collect();
                 break;
             }
             other => bail!("unknown option {other}\n{USAGE}"),
@@ -100,22 +109,22 @@ fn config(options: &Options) -> Result<Config> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MICROVM_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("MICROVM_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some(verb @ ("start" | "run" | "stop" | "with" | "probe" | "serve")) => {
-            parse(&args[1..]).and_then(|options| match verb {
+        Some(verb @ ("start" | "run" | "stop" | "with" | "probe" | "serve")) => parse(&args[1..])
+            .and_then(|options| match verb {
                 "start" => start(&options),
                 "run" => run(&options),
                 "stop" => stop(&options),
                 "with" => with(&options),
                 "probe" => probe(&options),
                 _ => serve(&options),
-            })
-        }
+            }),
         _ => Err(anyhow::anyhow!("{USAGE}")),
     };
     match result {
@@ -162,7 +171,10 @@ fn serve(options: &Options) -> Result<u8> {
 fn start(options: &Options) -> Result<u8> {
     let dir = state_dir(options);
     if dir.join(READY_FILE).exists() && testhost::connect(&dir).is_ok() {
-        bail!("a test host already runs in {} (`testhost stop` first)", dir.display());
+        bail!(
+            "a test host already runs in {} (`testhost stop` first)",
+            dir.display()
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -208,12 +220,16 @@ fn start(options: &Options) -> Result<u8> {
 
 fn stop(options: &Options) -> Result<u8> {
     let dir = state_dir(options);
-    testhost::request_stop(&dir).with_context(|| format!("no test host answers in {}", dir.display()))?;
+    testhost::request_stop(&dir)
+        .with_context(|| format!("no test host answers in {}", dir.display()))?;
     // The supervisor removes its directory when QEMU is gone.
     let deadline = Instant::now() + Duration::from_secs(20);
     while dir.exists() {
         if Instant::now() > deadline {
-            bail!("the test host in {} did not stop within 20 s", dir.display());
+            bail!(
+                "the test host in {} did not stop within 20 s",
+                dir.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -231,13 +247,21 @@ fn run(options: &Options) -> Result<u8> {
     } else {
         Input::None
     };
-    let outcome = client::run(&dir, &request, input, options.timeout, |kind, bytes| {
+    let outcome = match client::run(&dir, &request, input, options.timeout, |kind, bytes| {
         let _ = if kind == Kind::Stdout {
             std::io::stdout().write_all(bytes)
         } else {
             std::io::stderr().write_all(bytes)
         };
-    })?;
+    }) {
+        Ok(outcome) => outcome,
+        // Like a shell: a command that cannot be run exits 127.
+        Err(e @ client::RunError::SpawnFailed { .. }) => {
+            eprintln!("testhost: {e}");
+            return Ok(127);
+        }
+        Err(e) => return Err(e.into()),
+    };
     if outcome.timed_out {
         eprintln!("testhost: {:?} timed out and was killed", options.command);
     }
@@ -279,7 +303,10 @@ impl Drop for OwnTestHost {
 /// Boots a test host, runs the command here with MICROVM_TESTHOST_DIR set,
 /// and powers the test host off whatever happens.
 fn with(options: &Options) -> Result<u8> {
-    let (program, args) = options.command.split_first().context("with needs a command")?;
+    let (program, args) = options
+        .command
+        .split_first()
+        .context("with needs a command")?;
     let test_host = OwnTestHost::boot(options)?;
     let status = Command::new(program)
         .args(args)

@@ -59,7 +59,13 @@ fn power_off() -> ! {
     }
 }
 
-fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<()> {
     fs::create_dir_all(target).with_context(|| format!("creating mount point {target}"))?;
     mount(Some(source), target, Some(fstype), flags, data)
         .with_context(|| format!("mounting {fstype} {source} on {target} ({data:?})"))
@@ -93,7 +99,8 @@ fn boot() -> Result<()> {
 
     // switch_root: move the overlay onto / and enter it.
     chdir("/newroot")?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the new root onto /")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("moving the new root onto /")?;
     chroot(".").context("chroot into the new root")?;
     chdir("/")?;
 
@@ -101,7 +108,13 @@ fn boot() -> Result<()> {
     mount_fs("sysfs", "/sys", "sysfs", none, None)?;
     mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", none, None)?;
     mount_fs("devtmpfs", "/dev", "devtmpfs", none, None)?;
-    mount_fs("devpts", "/dev/pts", "devpts", none, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        none,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
     mount_fs("tmpfs", "/dev/shm", "tmpfs", none, Some("mode=1777"))?;
     mount_fs("tmpfs", "/run", "tmpfs", none, Some("mode=0755"))?;
     let _ = fs::remove_file("/dev/ptmx");
@@ -192,7 +205,11 @@ fn bring_up_loopback() -> Result<()> {
 fn find_port(name: &str) -> Result<PathBuf> {
     for entry in fs::read_dir("/sys/class/virtio-ports").context("listing virtio ports")? {
         let entry = entry?;
-        if fs::read_to_string(entry.path().join("name")).unwrap_or_default().trim() == name {
+        if fs::read_to_string(entry.path().join("name"))
+            .unwrap_or_default()
+            .trim()
+            == name
+        {
             return Ok(Path::new("/dev").join(entry.file_name()));
         }
     }
@@ -202,7 +219,9 @@ fn find_port(name: &str) -> Result<PathBuf> {
 type Writer = Arc<Mutex<File>>;
 
 fn send(writer: &Writer, frame: Frame) {
-    let mut port = writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut port = writer
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Err(e) = frame.write_to(&mut *port) {
         eprintln!("testhost-init: writing to the command port: {e}");
     }
@@ -225,7 +244,10 @@ fn serve_commands() -> Result<()> {
     let mut reader = port.try_clone()?;
     let writer: Writer = Arc::new(Mutex::new(port));
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    send(&writer, Frame::new(0, Kind::Ready, release.trim().as_bytes()));
+    send(
+        &writer,
+        Frame::new(0, Kind::Ready, release.trim().as_bytes()),
+    );
 
     let running: Arc<Mutex<HashMap<u32, Running>>> = Arc::default();
     loop {
@@ -254,9 +276,17 @@ fn serve_commands() -> Result<()> {
     }
 }
 
-fn spawn_command(channel: u32, request: SpawnRequest, writer: &Writer, running: &Arc<Mutex<HashMap<u32, Running>>>) {
+fn spawn_command(
+    channel: u32,
+    request: SpawnRequest,
+    writer: &Writer,
+    running: &Arc<Mutex<HashMap<u32, Running>>>,
+) {
     let Some((program, args)) = request.argv.split_first() else {
-        send(writer, Frame::new(channel, Kind::SpawnFailed, "empty command line"));
+        send(
+            writer,
+            Frame::new(channel, Kind::SpawnFailed, "empty command line"),
+        );
         return;
     };
     let mut command = Command::new(program);
