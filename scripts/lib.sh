@@ -39,16 +39,26 @@ build_all() {
     echo "== guest kernel"
     "$repo/guest-kernel-config/build.sh" --out "$build_dir/vmlinux" >/dev/null
 
-    echo "== static guest binaries (testhost-init, probe-init)"
+    echo "== static guest binaries (microvm-agent, testhost-init, probe-init)"
     # An explicit --target keeps +crt-static away from build scripts and proc macros.
     RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
         --target x86_64-unknown-linux-gnu \
+        -p agent --bin microvm-agent \
         -p microvm-tests --bin testhost-init -p rootfs-builder --bin probe-init
     local static="$repo/target/x86_64-unknown-linux-gnu/release"
-    cp "$static/testhost-init" "$static/probe-init" "$build_dir/"
+    cp "$static/microvm-agent" "$static/testhost-init" "$static/probe-init" "$build_dir/"
 
     echo "== host tools"
     cargo build --quiet --workspace --bins
     "$repo/target/debug/rootfs-builder" initramfs \
         --init "$build_dir/probe-init" --out "$build_dir/probe-initramfs.cpio" >/dev/null
+    echo "== guest initramfs (the agent as /init, busybox)"
+    "$repo/target/debug/rootfs-builder" initramfs --init "$build_dir/microvm-agent" \
+        --busybox /bin/busybox --out "$build_dir/microvm-initramfs.cpio" >/dev/null
+}
+
+# True when /dev/kvm is hardware KVM (VMX/SVM); false when it is PVM or missing,
+# where VMs run inside the KVM test host instead.
+has_hardware_kvm() {
+    grep -qE '^flags.*\b(vmx|svm)\b' /proc/cpuinfo && [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ]
 }

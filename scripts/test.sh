@@ -8,7 +8,7 @@ cd "$repo"
 install_packages
 build_all
 echo "== tests"
-if grep -qE '^flags.*\b(vmx|svm)\b' /proc/cpuinfo && [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ]; then
+if has_hardware_kvm; then
     cargo test --workspace
 else
     "$repo/target/debug/testhost" with -- cargo test --workspace

@@ -1,5 +1,14 @@
-//! The guest agent: PID 1 of the microVM. It mounts the guest's file systems
-//! and serves the agent API over vsock (port 1024), creating and running OCI
-//! containers inside the guest.
+//! The guest agent: PID 1 of the microVM. It mounts the guest's file systems,
+//! reaps every zombie, and serves the agent API (`protocols`) over vsock port
+//! 1024: running processes with their stdio streamed to the host, signalling
+//! and waiting for them, and shutting the VM down.
 //!
-//! Not written yet: the next issue fills it in.
+//! - [`init`]: what PID 1 sets up (mounts, hostname) and how it ends the VM;
+//! - [`process`]: processes the agent started, their pipes and exit status;
+//! - [`reaper`]: the SIGCHLD thread that collects every child's status;
+//! - [`service`]: the ttrpc service mapping requests onto the above.
+
+pub mod init;
+pub mod process;
+pub mod reaper;
+pub mod service;

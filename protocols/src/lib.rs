@@ -1,4 +1,96 @@
-//! The agent API shared by the agent and the runtime: its `.proto` files and
-//! the ttrpc code generated from them.
-//!
-//! Not written yet: the next issue fills it in.
+//! The agent API shared by the agent (server, in the guest) and the runtime
+//! (client, on the host): `proto/agent.proto` and the ttrpc code generated
+//! from it, plus small helpers both sides use.
+
+use std::os::unix::io::IntoRawFd;
+use std::os::unix::net::UnixStream;
+
+/// Messages of `proto/agent.proto`.
+#[allow(
+    clippy::all,
+    dead_code,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_mut,
+    unused_results,
+    trivial_casts
+)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+/// The ttrpc client (`AgentServiceClient`) and server glue
+/// (`AgentService`, `create_agent_service`).
+#[allow(
+    clippy::all,
+    dead_code,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_mut,
+    unused_results,
+    trivial_casts
+)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+/// The guest vsock port the agent serves on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// A ttrpc client on an already connected stream (e.g. after the hybrid
+/// vsock handshake). The client owns the socket from then on.
+pub fn client_from_stream(stream: UnixStream) -> ttrpc::Result<ttrpc::Client> {
+    ttrpc::Client::new(stream.into_raw_fd())
+}
+
+/// What the agent said went wrong, or what went wrong on the way.
+pub fn error_message(error: &ttrpc::Error) -> String {
+    match error {
+        ttrpc::Error::RpcStatus(status) => status.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Whether the agent answered NOT_FOUND (unknown process, missing program).
+pub fn is_not_found(error: &ttrpc::Error) -> bool {
+    matches!(error, ttrpc::Error::RpcStatus(status) if status.code() == ttrpc::Code::NOT_FOUND)
+}
+
+/// A ttrpc error status for the agent to return.
+pub fn status(code: ttrpc::Code, message: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_errors_carry_code_and_message() {
+        let error = status(ttrpc::Code::NOT_FOUND, "nosuch: command not found");
+        assert!(is_not_found(&error));
+        assert_eq!(error_message(&error), "nosuch: command not found");
+        assert!(!is_not_found(&status(ttrpc::Code::INTERNAL, "x")));
+    }
+
+    #[test]
+    fn messages_round_trip_through_protobuf() {
+        use protobuf::Message;
+        let request = agent::ExecProcessRequest {
+            exec_id: "cmd".into(),
+            argv: vec!["echo".into(), "hi".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            ..Default::default()
+        };
+        let bytes = request.write_to_bytes().unwrap();
+        assert_eq!(
+            agent::ExecProcessRequest::parse_from_bytes(&bytes).unwrap(),
+            request
+        );
+    }
+}

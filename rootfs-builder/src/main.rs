@@ -6,9 +6,10 @@ use anyhow::{bail, Context, Result};
 use rootfs_builder::cpio::{self, Archive, EntryKind};
 
 const USAGE: &str = "usage:
-  rootfs-builder initramfs --init BINARY --out FILE [--file HOST_PATH:GUEST_PATH]...
+  rootfs-builder initramfs --init BINARY --out FILE [--busybox BUSYBOX] [--file HOST_PATH:GUEST_PATH]...
       Writes a newc initramfs with BINARY as /init, /dev/console and the
-      usual mount points, plus each extra file.
+      usual mount points, plus each extra file. --busybox adds a static
+      busybox as /bin/busybox with a link for each of its applets.
   rootfs-builder list FILE
       Lists the entries of a newc archive.";
 
@@ -25,6 +26,7 @@ fn initramfs(args: &[String]) -> Result<()> {
     let mut init = None;
     let mut out = None;
     let mut extra = Vec::new();
+    let mut busybox = None;
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
         let mut value = || {
@@ -34,6 +36,7 @@ fn initramfs(args: &[String]) -> Result<()> {
         match flag.as_str() {
             "--init" => init = Some(PathBuf::from(value()?)),
             "--out" => out = Some(PathBuf::from(value()?)),
+            "--busybox" => busybox = Some(PathBuf::from(value()?)),
             "--file" => {
                 let spec = value()?;
                 let (host, guest) = spec
@@ -52,6 +55,9 @@ fn initramfs(args: &[String]) -> Result<()> {
     archive
         .add_host_file("init", &init)
         .with_context(|| format!("adding init binary {}", init.display()))?;
+    if let Some(busybox) = &busybox {
+        rootfs_builder::busybox::add(&mut archive, busybox)?;
+    }
     for (host, guest) in &extra {
         archive
             .add_host_file(guest, host)

@@ -1,5 +1,8 @@
-//! The host side: the `microvm` CLI, the containerd shim
-//! (`containerd-shim-kata-v2`), the sandbox lifecycle (start the VMM, connect to
-//! the agent, tear everything down) and the configuration.
-//!
-//! Not written yet: the next issues fill it in.
+//! The host side of microvm: the `microvm` CLI, the containerd shim (later),
+//! the sandbox lifecycle (start the VMM, connect to the agent, tear down) and
+//! the configuration.
+
+pub mod config;
+pub mod guest_command;
+pub mod hybrid_vsock;
+pub mod sandbox;

@@ -11,52 +11,22 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use microvm_tests::bench::BenchHost;
 use microvm_tests::probe::boot_probe;
-use microvm_tests::testhost::{find_host_kernel, Config, Supervisor};
-use microvm_tests::{artifact, build_dir, Kvm, VmHost};
+use microvm_tests::testhost::find_host_kernel;
+use microvm_tests::{artifact, VmHost};
 
 fn main() -> Result<()> {
     // `cargo bench` passes "--bench"; nothing else to parse.
-    let runs: usize = std::env::var("MICROVM_BENCH_RUNS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(10);
+    let runs = microvm_tests::bench::runs(10);
     let kernel = artifact("vmlinux")?;
     let initrd = artifact("probe-initramfs.cpio")?;
     report_kernel_build(&kernel)?;
-
-    let mut test_host = None;
-    let host = match Kvm::detect() {
-        Kvm::Hardware(module) => {
-            println!("test host: not needed ({module})");
-            VmHost::Direct
-        }
-        kvm => {
-            let dir = std::env::temp_dir().join(format!("microvm-bench-{}", std::process::id()));
-            let config = Config::new(build_dir().join("testhost-init"));
-            let supervisor = Supervisor::boot(&config, &dir)?;
-            println!(
-                "test host boot ({kvm:?} here): {:.2} s to commands (Debian {} under QEMU/TCG, -cpu max,+svm,+npt)",
-                supervisor.boot_time.as_secs_f64(),
-                supervisor.kernel_release
-            );
-            let stop = Arc::new(AtomicBool::new(false));
-            let serving = {
-                let stop = stop.clone();
-                std::thread::spawn(move || supervisor.serve(stop))
-            };
-            while !dir.join(microvm_tests::testhost::READY_FILE).exists() {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            test_host = Some((stop, serving, dir.clone()));
-            VmHost::TestHost(dir)
-        }
-    };
+    let bench_host = BenchHost::start()?;
+    let host = &bench_host.host;
 
     let stock = find_host_kernel(Path::new("/"))?.image;
     println!("\nproof boot to the probe's marker, QEMU -M microvm -accel kvm, {runs} runs each:");
@@ -68,7 +38,7 @@ fn main() -> Result<()> {
         ("microvm guest (stripped 6.1)", kernel),
         ("baseline: Debian stock 6.1", stock),
     ] {
-        let (walls, guest_ms) = measure(&host, &image, &initrd, runs)?;
+        let (walls, guest_ms) = measure(host, &image, &initrd, runs)?;
         println!(
             "{name:<34} {:>6.2} {:>6.2} {:>6.2}  {:>19}",
             walls[0],
@@ -78,11 +48,6 @@ fn main() -> Result<()> {
         );
     }
 
-    if let Some((stop, serving, dir)) = test_host {
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = serving.join();
-        let _ = std::fs::remove_dir_all(dir);
-    }
     Ok(())
 }
 

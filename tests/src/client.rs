@@ -26,9 +26,16 @@ pub enum RunError {
     SpawnFailed { argv: Vec<String>, message: String },
     #[error("the test host went away while {argv:?} ran")]
     Lost { argv: Vec<String> },
+    #[error("the test host did not end {argv:?} within {grace:?} of its timeout: the test host is wedged (see console.log in its state directory)")]
+    Wedged { argv: Vec<String>, grace: Duration },
     #[error("talking to the test host: {0}")]
     Io(#[from] io::Error),
 }
+
+/// How long a timed-out command may take to be killed and reported before
+/// the test host counts as wedged (so a stuck test host fails a test run
+/// instead of hanging it).
+const KILL_GRACE: Duration = Duration::from_secs(60);
 
 /// How a command run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,13 +71,15 @@ pub fn run(
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut timed_out = false;
         loop {
-            if let Some(deadline) = deadline.filter(|_| !timed_out) {
+            if timed_out {
+                // Waiting for the killed command's Exit frame, within KILL_GRACE.
+            } else if let Some(deadline) = deadline {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     timed_out = true;
                     let kill = Frame::new(0, Kind::Signal, libc::SIGKILL.to_le_bytes().to_vec());
                     kill.write_to(&mut stream)?;
-                    stream.set_read_timeout(None)?;
+                    stream.set_read_timeout(Some(KILL_GRACE))?;
                 } else {
                     stream.set_read_timeout(Some(left))?;
                 }
@@ -84,7 +93,13 @@ pub fn run(
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    continue
+                    if timed_out {
+                        return Err(RunError::Wedged {
+                            argv: request.argv.clone(),
+                            grace: KILL_GRACE,
+                        });
+                    }
+                    continue;
                 }
                 Err(_) => return Err(lost()),
             };

@@ -7,6 +7,7 @@
 //! host: the one named by `MICROVM_TESTHOST_DIR` (booted once per test run by
 //! `testhost with -- cargo test`), or else one booted for this test process.
 
+pub mod bench;
 pub mod client;
 pub mod probe;
 pub mod testhost;
@@ -72,6 +73,22 @@ pub fn artifact(name: &str) -> Result<PathBuf> {
     if !path.exists() {
         bail!(
             "{} is missing: run scripts/build.sh (the README's set-up does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A binary of this workspace (`target/debug/NAME`, or under
+/// `CARGO_TARGET_DIR`), built by `cargo build --workspace --bins`.
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("debug").join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: build the workspace first (cargo build --workspace --bins; scripts/test.sh does)",
             path.display()
         );
     }

@@ -24,12 +24,13 @@ fn guest_kernel_boots_to_the_probe_init() {
 fn a_guest_without_init_ends_with_its_panic_not_a_hang() {
     let kernel = artifact("vmlinux").unwrap();
     let initrd = artifact("probe-initramfs.cpio").unwrap();
-    // panic=-1 resets the guest, which ends QEMU (-no-reboot).
+    // panic=-1 resets the guest, which ends QEMU (-no-reboot). loglevel=7
+    // overrides `quiet`, so a guest that hangs before its panic shows where.
     let err = boot_probe(
         host(),
         &kernel,
         &initrd,
-        "rdinit=/missing",
+        "rdinit=/missing loglevel=7",
         Duration::from_secs(120),
     )
     .unwrap_err();

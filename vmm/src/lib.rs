@@ -1,6 +1,19 @@
-//! The virtual machine monitor: a KVM VM with its vCPUs, guest memory, kernel
-//! loading, virtio-mmio devices (vsock, fs, blk, net), the serial console and
-//! the event loop that drives them. One VMM process runs one microVM.
+//! The microvm virtual machine monitor: one KVM microVM per process.
 //!
-//! Not written yet: the next issue ("Boot a KVM microVM to our own agent")
-//! fills it in.
+//! - [`kvm`]: opening `/dev/kvm`, refusing PVM hosts with kernels that cannot run there;
+//! - [`layout`]: where everything lives in guest-physical memory;
+//! - [`boot`]: loading the kernel, initramfs, command line and zero page;
+//! - [`arch`]: the x86_64 boot state (registers, page tables, CPUID, MSRs, MP table);
+//! - [`vcpu`]: vCPU creation and run loops;
+//! - [`devices`]: serial console, i8042 (reset), virtio-mmio devices (vsock);
+//! - [`vm`]: building a VM from a [`vm::VmConfig`] and running it to its end.
+
+pub mod arch;
+pub mod boot;
+pub mod devices;
+pub mod kvm;
+pub mod layout;
+pub mod vcpu;
+pub mod vm;
+
+pub use vm::{Console, VmConfig, VsockConfig};

@@ -1,0 +1,147 @@
+//! Where the runtime finds its pieces (guest kernel, initramfs, VMM binary)
+//! and how big a VM it starts.
+//!
+//! Assets are looked up, first match wins: the explicit option, then the
+//! `MICROVM_KERNEL` / `MICROVM_INITRD` / `MICROVM_VMM` environment variables,
+//! then the `build/` directory of the source tree the binary was built in
+//! (where `scripts/setup.sh` puts them), then `/usr/share/microvm/`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const KERNEL_FILE: &str = "vmlinux";
+pub const INITRD_FILE: &str = "microvm-initramfs.cpio";
+pub const VMM_BINARY: &str = "microvm-vmm";
+const SHARE_DIR: &str = "/usr/share/microvm";
+
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub vmm: PathBuf,
+    pub cpus: u8,
+    pub memory_mib: u32,
+    /// Guest serial console: `None` discards it.
+    pub console: Option<PathBuf>,
+    pub extra_cmdline: String,
+    /// How long the guest agent may take to answer after the VMM starts.
+    pub agent_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no {what} found (looked in: {looked}); {hint}")]
+pub struct AssetMissing {
+    pub what: &'static str,
+    pub looked: String,
+    pub hint: &'static str,
+}
+
+/// The source tree's `build/` directory, if this binary runs from
+/// `<tree>/target/<profile>/`.
+fn source_build_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let tree = exe.parent()?.parent()?.parent()?;
+    Some(tree.join("build"))
+}
+
+fn find_asset(
+    env: &str,
+    file: &str,
+    what: &'static str,
+    hint: &'static str,
+) -> Result<PathBuf, AssetMissing> {
+    let mut candidates = Vec::new();
+    if let Some(path) = std::env::var_os(env) {
+        candidates.push(PathBuf::from(path));
+    } else {
+        if let Some(dir) = source_build_dir() {
+            candidates.push(dir.join(file));
+        }
+        candidates.push(Path::new(SHARE_DIR).join(file));
+    }
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| AssetMissing {
+            what,
+            looked: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            hint,
+        })
+}
+
+pub fn default_kernel() -> Result<PathBuf, AssetMissing> {
+    find_asset(
+        "MICROVM_KERNEL",
+        KERNEL_FILE,
+        "guest kernel",
+        "run scripts/setup.sh or pass --kernel",
+    )
+}
+
+pub fn default_initrd() -> Result<PathBuf, AssetMissing> {
+    find_asset(
+        "MICROVM_INITRD",
+        INITRD_FILE,
+        "guest initramfs",
+        "run scripts/setup.sh or pass --initrd",
+    )
+}
+
+/// The VMM binary: `MICROVM_VMM`, else next to this executable, else on PATH.
+pub fn default_vmm() -> Result<PathBuf, AssetMissing> {
+    if let Some(path) = std::env::var_os("MICROVM_VMM") {
+        return Ok(PathBuf::from(path));
+    }
+    let mut candidates: Vec<PathBuf> = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(VMM_BINARY)))
+        .into_iter()
+        .collect();
+    if let Some(paths) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&paths).map(|dir| dir.join(VMM_BINARY)));
+    }
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or(AssetMissing {
+            what: "microvm-vmm binary",
+            looked: "next to this program and on PATH".into(),
+            hint: "build the workspace (cargo build) or set MICROVM_VMM",
+        })
+}
+
+impl SandboxConfig {
+    /// The defaults: 1 vCPU, 128 MiB, no console, assets found as above.
+    pub fn with_defaults(
+        kernel: Option<PathBuf>,
+        initrd: Option<PathBuf>,
+    ) -> Result<Self, AssetMissing> {
+        let agent_timeout = std::env::var("MICROVM_AGENT_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::from_secs(30));
+        Ok(Self {
+            kernel: match kernel {
+                Some(path) => path,
+                None => default_kernel()?,
+            },
+            initrd: match initrd {
+                Some(path) => path,
+                None => default_initrd()?,
+            },
+            vmm: default_vmm()?,
+            cpus: 1,
+            memory_mib: 128,
+            console: None,
+            extra_cmdline: String::new(),
+            agent_timeout,
+        })
+    }
+}

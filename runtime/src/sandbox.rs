@@ -1,0 +1,229 @@
+//! One sandbox = one microVM: start its VMM process, reach the guest agent
+//! over hybrid vsock, and tear it all down (VMM process, sockets, state
+//! directory) however the VM ends.
+
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::SandboxConfig;
+use crate::hybrid_vsock::{self, ConnectError};
+
+/// The guest agent's vsock port.
+pub const AGENT_PORT: u32 = 1024;
+const VSOCK_SOCKET: &str = "vsock.sock";
+const VMM_LOG: &str = "vmm.log";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{what} {path} does not exist")]
+    MissingFile { what: &'static str, path: PathBuf },
+    #[error("creating the sandbox directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("starting the VMM {path}: {source}")]
+    SpawnVmm {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the VM failed to start: {0}")]
+    VmmFailed(String),
+    #[error("the guest agent did not answer within {timeout:?}{console}")]
+    AgentTimeout { timeout: Duration, console: String },
+    #[error("the VM died ({0})")]
+    VmDied(String),
+    #[error("reaching the guest agent: {0}")]
+    Connect(#[from] ConnectError),
+}
+
+static SANDBOX_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A running microVM. Dropping it kills the VMM and removes its state.
+pub struct Sandbox {
+    vmm: Child,
+    dir: PathBuf,
+    console: Option<PathBuf>,
+    exited: Option<ExitStatus>,
+}
+
+impl Sandbox {
+    /// Starts the VMM. The agent is reached with [`Sandbox::connect_agent`].
+    pub fn start(config: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+        for (what, path) in [
+            ("guest kernel", &config.kernel),
+            ("guest initramfs", &config.initrd),
+            ("VMM binary", &config.vmm),
+        ] {
+            if !path.is_file() {
+                return Err(SandboxError::MissingFile {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "microvm-{}-{}",
+            std::process::id(),
+            SANDBOX_COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|source| SandboxError::StateDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let log =
+            std::fs::File::create(dir.join(VMM_LOG)).map_err(|source| SandboxError::StateDir {
+                path: dir.clone(),
+                source,
+            })?;
+        let mut command = Command::new(&config.vmm);
+        command
+            .arg("--kernel")
+            .arg(&config.kernel)
+            .arg("--initrd")
+            .arg(&config.initrd)
+            .args([
+                "--cpus",
+                &config.cpus.to_string(),
+                "--memory",
+                &config.memory_mib.to_string(),
+            ])
+            .arg("--vsock-uds")
+            .arg(dir.join(VSOCK_SOCKET))
+            .arg("--console")
+            .arg(config.console.as_deref().unwrap_or(Path::new("off")));
+        if !config.extra_cmdline.is_empty() {
+            command.args(["--cmdline", &config.extra_cmdline]);
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no
+        // memory: the VMM dies with the thread that started it, so a runtime
+        // killed with SIGKILL leaves no VM behind.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let vmm = match command.spawn() {
+            Ok(child) => child,
+            Err(source) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(SandboxError::SpawnVmm {
+                    path: config.vmm.clone(),
+                    source,
+                });
+            }
+        };
+        Ok(Sandbox {
+            vmm,
+            dir,
+            console: config.console.clone(),
+            exited: None,
+        })
+    }
+
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm.id()
+    }
+
+    /// The VMM's exit status once it has ended.
+    pub fn vmm_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.vmm.try_wait().ok().flatten();
+        }
+        self.exited
+    }
+
+    /// What the VMM printed (its errors), trimmed.
+    pub fn vmm_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join(VMM_LOG))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    fn console_tail(&self) -> String {
+        let Some(path) = &self.console else {
+            return " (rerun with --console FILE to see the guest's console)".into();
+        };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "; last console lines:\n{}",
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        )
+    }
+
+    /// Why the VM is gone, if it is.
+    pub fn death(&mut self) -> Option<SandboxError> {
+        let status = self.vmm_exit()?;
+        let log = self.vmm_log();
+        Some(if status.success() {
+            let how = log
+                .lines()
+                .rev()
+                .find_map(|line| line.strip_prefix("microvm-vmm: guest stopped: "))
+                .unwrap_or("reset or panic")
+                .to_string();
+            SandboxError::VmDied(format!("the guest stopped: {how}{}", self.console_tail()))
+        } else if log.is_empty() {
+            SandboxError::VmDied(format!("VMM {status}"))
+        } else {
+            SandboxError::VmmFailed(log)
+        })
+    }
+
+    /// Connects to the guest agent, retrying while the guest boots.
+    pub fn connect_agent(&mut self, timeout: Duration) -> Result<UnixStream, SandboxError> {
+        let deadline = Instant::now() + timeout;
+        let uds = self.dir.join(VSOCK_SOCKET);
+        loop {
+            if let Some(death) = self.death() {
+                return Err(death);
+            }
+            match hybrid_vsock::connect(&uds, AGENT_PORT, Duration::from_secs(5)) {
+                Ok(stream) => return Ok(stream),
+                // Not listening yet, or the VMM has not created its socket yet.
+                Err(ConnectError::Refused { .. }) | Err(ConnectError::Socket { .. }) => {}
+                Err(other) => return Err(other.into()),
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::AgentTimeout {
+                    timeout,
+                    console: self.console_tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits up to `grace` for the VMM to end by itself (after the agent's
+    /// shutdown), then kills it. Returns its exit status.
+    pub fn stop(mut self, grace: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + grace;
+        while self.vmm_exit().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.exited
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.vmm_exit().is_none() {
+            let _ = self.vmm.kill();
+            let _ = self.vmm.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

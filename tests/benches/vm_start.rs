@@ -1,0 +1,136 @@
+//! `cargo bench -p microvm-tests --bench vm_start`
+//!
+//! Prints, in one run, where VMs run (directly, or in one KVM test host):
+//! 1. boot to the probe init's marker with the same kernel and initramfs:
+//!    our VMM (`microvm-vmm`) side by side with QEMU `-M microvm` (baseline);
+//! 2. `microvm run -- true` end to end (VMM start, boot, agent, exec, exit,
+//!    teardown);
+//! 3. resident memory of an idle guest's VMM process (the same kernel and
+//!    initramfs idling in `sleep`, 128 MiB of guest RAM): ours vs QEMU.
+//!
+//! `MICROVM_BENCH_RUNS` sets the number of runs (default 10).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use microvm_tests::bench::{min_med_max, runs, BenchHost};
+use microvm_tests::probe::{boot_probe, MARKER};
+use microvm_tests::{artifact, workspace_binary, ExitStatus, VmHost};
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+fn main() -> Result<()> {
+    let runs = runs(10);
+    let kernel = artifact("vmlinux")?.display().to_string();
+    let probe = artifact("probe-initramfs.cpio")?.display().to_string();
+    let initramfs = artifact("microvm-initramfs.cpio")?.display().to_string();
+    let vmm = workspace_binary("microvm-vmm")?.display().to_string();
+    let microvm = workspace_binary("microvm")?.display().to_string();
+    let bench_host = BenchHost::start()?;
+    let host = &bench_host.host;
+
+    println!("\n1. boot to the probe's marker, same kernel + initramfs, {runs} runs each:");
+    println!(
+        "{:<36} {:>22} {:>20}",
+        "VMM", "wall min/med/max (s)", "guest boot med (ms)"
+    );
+    let mut ours = Vec::new();
+    let mut ours_guest = Vec::new();
+    for _ in 0..runs {
+        let argv = [
+            vmm.as_str(),
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &probe,
+            "--console",
+            "stdout",
+            "--cmdline",
+            "quiet",
+        ];
+        let out = host.run(&argv, b"", TIMEOUT)?;
+        let text = out.stdout_text();
+        let Some(line) = text.lines().find(|l| l.contains(MARKER)) else {
+            bail!(
+                "microvm-vmm did not boot to the marker: {}",
+                out.stderr_text()
+            );
+        };
+        ours.push(out.elapsed.as_secs_f64());
+        ours_guest.push(guest_ms(line));
+    }
+    let mut qemu = Vec::new();
+    let mut qemu_guest = Vec::new();
+    for _ in 0..runs {
+        let boot = boot_probe(host, kernel.as_ref(), probe.as_ref(), "", TIMEOUT)
+            .context("QEMU baseline")?;
+        qemu.push(boot.wall.as_secs_f64());
+        qemu_guest.push(boot.guest_boot_ms as f64);
+    }
+    row("microvm-vmm (ours)", &mut ours, &mut ours_guest);
+    row("baseline: QEMU 7.2 -M microvm", &mut qemu, &mut qemu_guest);
+
+    println!("\n2. `microvm run -- true` end to end, {runs} runs:");
+    let mut walls = Vec::new();
+    for _ in 0..runs {
+        let out = host.run(&[&microvm, "run", "--", "true"], b"", TIMEOUT)?;
+        if out.status != ExitStatus::Code(0) {
+            bail!("microvm run -- true failed: {}", out.stderr_text());
+        }
+        walls.push(out.elapsed.as_secs_f64());
+    }
+    let (min, med, max) = min_med_max(&mut walls);
+    println!(
+        "{:<36} {min:>6.2} {med:>6.2} {max:>6.2} s",
+        "microvm run -- true"
+    );
+
+    println!("\n3. resident memory of the VMM process, idle guest, 128 MiB guest RAM:");
+    let idle = "rdinit=/bin/sleep -- 600";
+    let ours_rss = idle_rss(
+        host,
+        &format!("{vmm} --kernel {kernel} --initrd {initramfs} --memory 128 --cmdline '{idle}'"),
+    )?;
+    let qemu_rss = idle_rss(
+        host,
+        &format!(
+            "qemu-system-x86_64 -M microvm,acpi=off,pit=on,pic=on,rtc=off,isa-serial=on -accel kvm -cpu host \
+             -smp 1 -m 128 -nodefaults -no-user-config -display none -serial null -kernel {kernel} \
+             -initrd {initramfs} -append 'console=ttyS0 quiet {idle}'"
+        ),
+    )?;
+    println!("{:<36} {:>8} KiB", "microvm-vmm (ours)", ours_rss);
+    println!(
+        "{:<36} {:>8} KiB",
+        "baseline: QEMU 7.2 -M microvm", qemu_rss
+    );
+    Ok(())
+}
+
+fn guest_ms(line: &str) -> f64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("guest_boot_ms="))
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn row(name: &str, walls: &mut [f64], guest: &mut [f64]) {
+    let (min, med, max) = min_med_max(walls);
+    let (_, guest_med, _) = min_med_max(guest);
+    println!("{name:<36} {min:>6.2} {med:>6.2} {max:>6.2}  {guest_med:>19.0}");
+}
+
+/// Starts `command` in the background, lets its guest settle, reads its
+/// VmRSS, and kills it.
+fn idle_rss(host: &VmHost, command: &str) -> Result<u64> {
+    let script = format!(
+        "{command} >/dev/null 2>&1 & pid=$!; sleep 8; \
+         grep VmRSS /proc/$pid/status; kill -9 $pid; wait $pid 2>/dev/null; true"
+    );
+    let out = host.run(&["sh", "-c", &script], b"", TIMEOUT)?;
+    let text = out.stdout_text();
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|kib| kib.parse().ok())
+        .with_context(|| format!("no VmRSS for `{command}`: {text} {}", out.stderr_text()))
+}

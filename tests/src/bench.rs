@@ -1,0 +1,89 @@
+//! Shared by the benchmarks: a place where VMs run (this machine, or one
+//! test host booted for the whole benchmark) and small statistics.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::testhost::{Config, Supervisor, TestHostError, READY_FILE};
+use crate::{build_dir, Kvm, VmHost};
+
+/// The thread serving a test host's commands, and how to stop it.
+type Serving = (Arc<AtomicBool>, JoinHandle<Result<(), TestHostError>>);
+
+/// Where a benchmark's VMs run; a test host it booted is stopped on drop.
+pub struct BenchHost {
+    pub host: VmHost,
+    serving: Option<Serving>,
+}
+
+impl BenchHost {
+    /// Runs directly on VMX/SVM hosts; otherwise boots a test host and
+    /// prints how long that took.
+    pub fn start() -> Result<BenchHost> {
+        match Kvm::detect() {
+            Kvm::Hardware(module) => {
+                println!("test host: not needed ({module})");
+                Ok(BenchHost {
+                    host: VmHost::Direct,
+                    serving: None,
+                })
+            }
+            kvm => {
+                let dir =
+                    std::env::temp_dir().join(format!("microvm-bench-{}", std::process::id()));
+                let config = Config::new(build_dir().join("testhost-init"));
+                let supervisor = Supervisor::boot(&config, &dir)?;
+                println!(
+                    "test host boot ({kvm:?} here): {:.2} s to commands (Debian {} under QEMU/TCG, -cpu max,+svm,+npt)",
+                    supervisor.boot_time.as_secs_f64(),
+                    supervisor.kernel_release
+                );
+                let stop = Arc::new(AtomicBool::new(false));
+                let serving = {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || supervisor.serve(stop))
+                };
+                while !dir.join(READY_FILE).exists() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(BenchHost {
+                    host: VmHost::TestHost(dir),
+                    serving: Some((stop, serving)),
+                })
+            }
+        }
+    }
+}
+
+impl Drop for BenchHost {
+    fn drop(&mut self) {
+        if let Some((stop, serving)) = self.serving.take() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = serving.join();
+        }
+        if let VmHost::TestHost(dir) = &self.host {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// (min, median, max) of some samples.
+pub fn min_med_max(samples: &mut [f64]) -> (f64, f64, f64) {
+    samples.sort_by(f64::total_cmp);
+    match samples {
+        [] => (f64::NAN, f64::NAN, f64::NAN),
+        s => (s[0], s[s.len() / 2], s[s.len() - 1]),
+    }
+}
+
+/// How many runs a benchmark makes: `MICROVM_BENCH_RUNS`, default `default`.
+pub fn runs(default: usize) -> usize {
+    std::env::var("MICROVM_BENCH_RUNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}

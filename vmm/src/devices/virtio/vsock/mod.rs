@@ -1,0 +1,266 @@
+//! virtio-vsock (device type 19), bridged to host Unix sockets.
+//!
+//! - [`packet`]: the wire format;
+//! - [`connection`]: one stream's state and flow control;
+//! - [`muxer`]: the host backend (the hybrid-vsock Unix sockets);
+//! - [`event_handler`]: the event-loop glue;
+//! - this module: the virtio device itself and its queues.
+
+pub mod connection;
+pub mod event_handler;
+pub mod muxer;
+pub mod packet;
+#[cfg(test)]
+mod tests;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use event_manager::EventOps;
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::mmio::FEATURE_VERSION_1;
+use super::{ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_RING};
+use muxer::Muxer;
+use packet::{PacketHeader, HEADER_SIZE};
+
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+pub const QUEUE_SIZE: u16 = 256;
+/// The largest payload we put in one rx packet.
+const MAX_RX_PAYLOAD: usize = 64 * 1024;
+/// The largest tx payload we accept (Linux sends at most 64 KiB).
+const MAX_TX_PAYLOAD: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("guest CID {0} is reserved: use 3 or above")]
+    BadCid(u64),
+    #[error("cannot listen on the vsock socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("creating the vsock device: {0}")]
+    Setup(#[from] std::io::Error),
+    #[error("vsock queues: {0:?}")]
+    Queue(virtio_queue::Error),
+}
+
+pub struct Vsock {
+    guest_cid: u64,
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    interrupt: Interrupt,
+    acked_features: u64,
+    memory: Option<GuestMemoryMmap>,
+    muxer: Muxer,
+    payload: Vec<u8>,
+}
+
+impl Vsock {
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Self, VsockError> {
+        if guest_cid < 3 || guest_cid > u32::MAX as u64 {
+            return Err(VsockError::BadCid(guest_cid));
+        }
+        let queues = (0..3)
+            .map(|_| Queue::new(QUEUE_SIZE))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VsockError::Queue)?;
+        let queue_events = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            guest_cid,
+            queues,
+            queue_events,
+            interrupt: Interrupt::new()?,
+            acked_features: 0,
+            memory: None,
+            muxer: Muxer::new(guest_cid, &uds_path)?,
+            payload: Vec::with_capacity(MAX_RX_PAYLOAD),
+        })
+    }
+
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Takes every packet the guest queued for sending.
+    pub fn process_tx(&mut self, ops: &mut EventOps) {
+        let Some(memory) = self.memory.as_ref() else {
+            return;
+        };
+        let mut used_any = false;
+        while let Some(chain) = self.queues[TX_QUEUE].pop_descriptor_chain(memory) {
+            let head = chain.head_index();
+            match read_tx_packet(memory, chain, &mut self.payload) {
+                Ok(header) => self.muxer.from_guest(&header, &self.payload, ops),
+                Err(e) => tracing::warn!("vsock: dropped a malformed tx packet: {e}"),
+            }
+            if let Err(e) = self.queues[TX_QUEUE].add_used(memory, head, 0) {
+                tracing::error!("vsock: returning a tx buffer: {e:?}");
+            }
+            used_any = true;
+        }
+        if used_any {
+            self.signal_used();
+        }
+    }
+
+    /// Fills the guest's rx buffers with whatever the host side has for it.
+    pub fn process_rx(&mut self, ops: &mut EventOps) {
+        let Some(memory) = self.memory.as_ref() else {
+            return;
+        };
+        let mut used_any = false;
+        while self.muxer.has_work_for_guest() {
+            let Some(chain) = self.queues[RX_QUEUE].pop_descriptor_chain(memory) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut writer = match Writer::new(memory, chain) {
+                Ok(writer) if writer.available_bytes() >= HEADER_SIZE => writer,
+                Ok(_) | Err(_) => {
+                    tracing::warn!("vsock: an rx buffer too small for a packet header");
+                    let _ = self.queues[RX_QUEUE].add_used(memory, head, 0);
+                    used_any = true;
+                    continue;
+                }
+            };
+            let room = (writer.available_bytes() - HEADER_SIZE).min(MAX_RX_PAYLOAD);
+            let Some(header) = self.muxer.next_for_guest(&mut self.payload, room, ops) else {
+                self.queues[RX_QUEUE].go_to_previous_position();
+                break;
+            };
+            let written = writer
+                .write_obj(header)
+                .and_then(|()| writer.write_all(&self.payload))
+                .map(|()| writer.bytes_written());
+            let len = match written {
+                Ok(len) => len as u32,
+                Err(e) => {
+                    tracing::error!("vsock: writing an rx packet: {e}");
+                    0
+                }
+            };
+            if let Err(e) = self.queues[RX_QUEUE].add_used(memory, head, len) {
+                tracing::error!("vsock: returning an rx buffer: {e:?}");
+            }
+            used_any = true;
+        }
+        if used_any {
+            self.signal_used();
+        }
+    }
+
+    fn signal_used(&self) {
+        if let Err(e) = self.interrupt.trigger(INTERRUPT_USED_RING) {
+            tracing::error!("vsock: raising the interrupt: {e}");
+        }
+    }
+}
+
+/// Reads one tx packet: its header, and its payload into `payload`.
+fn read_tx_packet(
+    memory: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    payload: &mut Vec<u8>,
+) -> Result<PacketHeader, String> {
+    let mut reader = Reader::new(memory, chain).map_err(|e| format!("{e:?}"))?;
+    let header: PacketHeader = reader
+        .read_obj()
+        .map_err(|e| format!("reading the header: {e}"))?;
+    let len = header.len as usize;
+    if len > MAX_TX_PAYLOAD || len > reader.available_bytes() {
+        return Err(format!(
+            "payload of {len} bytes, {} present (at most {MAX_TX_PAYLOAD})",
+            reader.available_bytes()
+        ));
+    }
+    payload.resize(len, 0);
+    reader
+        .read_exact(payload)
+        .map_err(|e| format!("reading the payload: {e}"))?;
+    Ok(header)
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        FEATURE_VERSION_1
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, acked: u64) {
+        self.acked_features = acked;
+    }
+
+    fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.queues
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
+
+    /// The config space is the guest's CID (le64).
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.guest_cid.to_le_bytes();
+        let start = offset as usize;
+        match config.get(start..start + data.len()) {
+            Some(bytes) => data.copy_from_slice(bytes),
+            None => data.fill(0),
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::warn!("vsock: guest wrote the read-only config space at {offset:#x}");
+    }
+
+    fn activate(&mut self, memory: GuestMemoryMmap) -> Result<(), ActivateError> {
+        self.memory = Some(memory);
+        // The guest fills rx and kicks it; the event loop takes it from there.
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.memory.is_some()
+    }
+
+    /// The driver let go of the device (it does so on reboot): forget the
+    /// queues. Host connections stay until the VMM ends or they close.
+    fn reset(&mut self) -> bool {
+        self.memory = None;
+        self.acked_features = 0;
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        true
+    }
+}
+
+impl Vsock {
+    /// Open host connections (for tests and diagnostics).
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+}

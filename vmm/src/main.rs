@@ -1,0 +1,97 @@
+//! `microvm-vmm`: runs one microVM until the guest stops.
+//!
+//! ```text
+//! microvm-vmm --kernel VMLINUX [--initrd FILE] [--cpus N] [--memory MIB]
+//!             [--cmdline EXTRA] [--console off|stdout|FILE]
+//!             [--vsock-uds PATH [--guest-cid CID]]
+//! ```
+//! Exits 0 when the guest resets or powers off, 1 on any error (printed on
+//! stderr as one line naming what was wrong).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use vmm::vcpu::VmExit;
+use vmm::vm::Vm;
+use vmm::{Console, VmConfig, VsockConfig};
+
+const USAGE: &str =
+    "usage: microvm-vmm --kernel VMLINUX [--initrd FILE] [--cpus N] [--memory MIB] \
+[--cmdline EXTRA] [--console off|stdout|FILE] [--vsock-uds PATH [--guest-cid CID]]";
+
+fn parse(args: &[String]) -> Result<VmConfig> {
+    let mut kernel = None;
+    let mut config = VmConfig {
+        kernel: PathBuf::new(),
+        initrd: None,
+        cpus: 1,
+        memory_mib: 128,
+        extra_cmdline: String::new(),
+        console: Console::Off,
+        vsock: None,
+    };
+    let mut vsock_path = None;
+    let mut guest_cid = 3;
+    let mut iter = args.iter();
+    while let Some(flag) = iter.next() {
+        let mut value = || {
+            iter.next()
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
+        };
+        match flag.as_str() {
+            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--initrd" => config.initrd = Some(PathBuf::from(value()?)),
+            "--cpus" => config.cpus = value()?.parse().context("--cpus takes a number")?,
+            "--memory" => config.memory_mib = value()?.parse().context("--memory takes MiB")?,
+            "--cmdline" => config.extra_cmdline = value()?.clone(),
+            "--console" => {
+                config.console = match value()?.as_str() {
+                    "off" => Console::Off,
+                    "stdout" | "-" => Console::Stdout,
+                    path => Console::File(PathBuf::from(path)),
+                }
+            }
+            "--vsock-uds" => vsock_path = Some(PathBuf::from(value()?)),
+            "--guest-cid" => guest_cid = value()?.parse().context("--guest-cid takes a number")?,
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    config.kernel = kernel.with_context(|| format!("--kernel is required\n{USAGE}"))?;
+    config.vsock = vsock_path.map(|uds_path| VsockConfig {
+        guest_cid,
+        uds_path,
+    });
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MICROVM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = parse(&args).and_then(|config| Ok(Vm::build(&config)?));
+    let vm = match result {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("microvm-vmm: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    match vm.run() {
+        VmExit::GuestStopped(how) => {
+            // One line for whoever supervises us (the runtime keeps it in the VM's log).
+            eprintln!("microvm-vmm: guest stopped: {how}");
+            // vCPU threads may still be blocked in KVM_RUN: leave now.
+            std::process::exit(0)
+        }
+        VmExit::Failed(reason) => {
+            eprintln!("microvm-vmm: the VM failed: {reason}");
+            std::process::exit(1)
+        }
+    }
+}

@@ -1,0 +1,401 @@
+//! Building and running one microVM: memory, boot state, devices, vCPU
+//! threads and the device event loop.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{mptable, regs, ArchError};
+use crate::boot::{self, BootError};
+use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::i8042::I8042;
+use crate::devices::serial::SerialConsole;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::VirtioDevice;
+use crate::kvm::{self, KvmError};
+use crate::layout;
+use crate::vcpu::{self, ExitSignal, VmExit};
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Console {
+    /// Discarded; the guest is told to be quiet, which also keeps boot fast.
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+/// Everything needed to start a microVM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cpus: u8,
+    pub memory_mib: u32,
+    /// Appended to the built-in kernel command line.
+    pub extra_cmdline: String,
+    pub console: Console,
+    /// Hybrid vsock: the host Unix socket bridged to the guest's vsock.
+    pub vsock: Option<VsockConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+/// The guest always gets: the serial console, resets through the i8042
+/// (`reboot=k`) and on panic (`panic=-1`), and no probing of absent hardware.
+const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error("{0} vCPUs requested: give 1 to {max}", max = mptable::MAX_CPUS)]
+    BadCpuCount(u8),
+    #[error("{0} MiB of memory requested: give at least 16")]
+    BadMemorySize(u32),
+    #[error("allocating {mib} MiB of guest memory: {reason}")]
+    Memory { mib: u32, reason: String },
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Arch(#[from] ArchError),
+    #[error("KVM refused {what}: {source}")]
+    KvmSetup {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("setting up {what}: {source}")]
+    Device {
+        what: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot open console file {path}: {source}")]
+    ConsoleFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn kvm_setup(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmSetup { what, source }
+}
+
+fn device_err<E: std::error::Error + Send + Sync + 'static>(
+    what: &'static str,
+) -> impl FnOnce(E) -> VmError {
+    move |source| VmError::Device {
+        what,
+        source: Box::new(source),
+    }
+}
+
+fn create_memory(vm: &VmFd, memory_mib: u32) -> Result<GuestMemoryMmap, VmError> {
+    let size = memory_mib as u64 * 1024 * 1024;
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+        mib: memory_mib,
+        reason: e.to_string(),
+    })?;
+    for (slot, region) in memory.iter().enumerate() {
+        let host_address = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VmError::Memory {
+                mib: memory_mib,
+                reason: e.to_string(),
+            })?;
+        let region_info = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host_address as u64,
+            flags: 0,
+        };
+        // SAFETY: the region's mapping lives in `memory`, which the VM keeps
+        // for as long as the VM exists (the process ends with the VM).
+        unsafe { vm.set_user_memory_region(region_info) }
+            .map_err(kvm_setup("registering guest memory"))?;
+    }
+    Ok(memory)
+}
+
+fn console_writer(console: &Console) -> Result<Box<dyn Write + Send>, VmError> {
+    Ok(match console {
+        Console::Off => Box::new(std::io::sink()),
+        Console::Stdout => Box::new(std::io::stdout()),
+        Console::File(path) => {
+            Box::new(
+                std::fs::File::create(path).map_err(|source| VmError::ConsoleFile {
+                    path: path.clone(),
+                    source,
+                })?,
+            )
+        }
+    })
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitSignal>,
+    events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    reset: EventFd,
+    /// Kept alive: KVM's memory slots point into it.
+    _memory: GuestMemoryMmap,
+    _vm: VmFd,
+    vsock_path: Option<PathBuf>,
+}
+
+impl Vm {
+    pub fn build(config: &VmConfig) -> Result<Vm, VmError> {
+        if config.cpus == 0 || config.cpus > mptable::MAX_CPUS {
+            return Err(VmError::BadCpuCount(config.cpus));
+        }
+        if config.memory_mib < 16 {
+            return Err(VmError::BadMemorySize(config.memory_mib));
+        }
+        // Bad paths are named before KVM is touched.
+        if !config.kernel.is_file() {
+            return Err(BootError::OpenKernel {
+                path: config.kernel.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }
+            .into());
+        }
+        if let Some(initrd) = config.initrd.as_ref().filter(|p| !p.is_file()) {
+            return Err(BootError::ReadInitrd {
+                path: initrd.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }
+            .into());
+        }
+        let kvm_path = kvm::device_path();
+        let kvm = kvm::open(&kvm_path)?;
+        kvm::check_kernel_for_host(&kvm_path, Path::new("/sys/module"), &config.kernel)?;
+        let vm = kvm.create_vm().map_err(kvm_setup("creating the VM"))?;
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_setup("placing the TSS"))?;
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_setup("placing the identity map"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_setup("creating the interrupt controllers"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_setup("creating the PIT"))?;
+
+        let memory = create_memory(&vm, config.memory_mib)?;
+        let kernel = boot::load_kernel(&memory, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::load_initrd(&memory, path, kernel.end)?),
+            None => None,
+        };
+
+        let exit = Arc::new(ExitSignal::new().map_err(device_err("the exit event"))?);
+        let mut pio = Bus::default();
+        let mut mmio = Bus::default();
+        let mut events =
+            EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(|e| {
+                VmError::Device {
+                    what: "the event loop",
+                    source: format!("{e:?}").into(),
+                }
+            })?;
+
+        // Serial console on COM1.
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the serial interrupt"))?;
+        vm.register_irqfd(&serial_irq, layout::SERIAL_COM1_IRQ)
+            .map_err(kvm_setup("wiring the serial interrupt"))?;
+        let serial = SerialConsole::new(serial_irq, console_writer(&config.console)?);
+        pio.insert(
+            layout::SERIAL_COM1_PORT as u64,
+            8,
+            Arc::new(Mutex::new(serial)),
+        )
+        .map_err(device_err("the serial port"))?;
+
+        // i8042: its reset ends the VM.
+        let reset = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("the reset event"))?;
+        let i8042 = I8042::new(reset.try_clone().map_err(device_err("the reset event"))?);
+        let i8042_len = (layout::I8042_COMMAND_PORT - layout::I8042_DATA_PORT + 1) as u64;
+        pio.insert(
+            layout::I8042_DATA_PORT as u64,
+            i8042_len,
+            Arc::new(Mutex::new(i8042)),
+        )
+        .map_err(device_err("the i8042"))?;
+
+        let mut cmdline = BASE_CMDLINE.to_string();
+        if config.console == Console::Off {
+            cmdline.push_str(" quiet");
+        }
+
+        // virtio-mmio devices.
+        let mut virtio_slot = 0u64;
+        let mut vsock_path = None;
+        if let Some(vsock) = &config.vsock {
+            let device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone())
+                .map_err(device_err("the vsock device"))?;
+            let device = Arc::new(Mutex::new(device));
+            let (base, irq) = attach_virtio(&vm, &memory, &mut mmio, device.clone(), virtio_slot)?;
+            events.add_subscriber(device);
+            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+            virtio_slot += 1;
+            vsock_path = Some(vsock.uds_path.clone());
+        }
+        let _ = virtio_slot;
+
+        if !config.extra_cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&config.extra_cmdline);
+        }
+        boot::write_boot_params(&memory, &cmdline, initrd)?;
+        regs::write_boot_tables(&memory)?;
+        mptable::write(&memory, config.cpus)?;
+
+        let vcpus = (0..config.cpus)
+            .map(|index| vcpu::create(&kvm, &vm, index, config.cpus, kernel.entry.raw_value()))
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::debug!("kernel command line: {cmdline}");
+        Ok(Vm {
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            exit,
+            events,
+            reset,
+            _memory: memory,
+            _vm: vm,
+            vsock_path,
+        })
+    }
+
+    /// Runs the guest until it stops. Returns why it stopped.
+    pub fn run(self) -> VmExit {
+        let Vm {
+            vcpus,
+            pio,
+            mmio,
+            exit,
+            mut events,
+            reset,
+            _memory,
+            _vm,
+            vsock_path,
+        } = self;
+        for (index, vcpu) in vcpus.into_iter().enumerate() {
+            let (pio, mmio, exit) = (pio.clone(), mmio.clone(), exit.clone());
+            let spawned = thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu::run(vcpu, index as u8, pio, mmio, exit));
+            if let Err(e) = spawned {
+                return VmExit::Failed(format!("starting vCPU thread {index}: {e}"));
+            }
+        }
+        // The i8042 reset and the event loop run on one thread.
+        let reset_exit = exit.clone();
+        let spawned = thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || {
+                events.add_subscriber(Arc::new(Mutex::new(ResetWatcher {
+                    reset,
+                    exit: reset_exit,
+                })));
+                loop {
+                    if let Err(e) = events.run() {
+                        tracing::error!("device event loop: {e:?}");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            return VmExit::Failed(format!("starting the device thread: {e}"));
+        }
+        let result = exit.wait();
+        if let Some(path) = vsock_path {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+}
+
+/// Maps a virtio device's MMIO window, its notifications (ioeventfds) and its
+/// interrupt (irqfd). Returns the window's base and the IRQ.
+fn attach_virtio<D: VirtioDevice + 'static>(
+    vm: &VmFd,
+    memory: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    device: Arc<Mutex<D>>,
+    slot: u64,
+) -> Result<(u64, u32), VmError> {
+    let base = layout::VIRTIO_MMIO_START + slot * layout::VIRTIO_MMIO_SIZE;
+    let irq = layout::VIRTIO_FIRST_IRQ + slot as u32;
+    {
+        let locked = device.lock().unwrap();
+        for (index, event) in locked.queue_events().iter().enumerate() {
+            vm.register_ioevent(event, &IoEventAddress::Mmio(base + 0x50), index as u32)
+                .map_err(kvm_setup("wiring a virtio queue notification"))?;
+        }
+        vm.register_irqfd(&locked.interrupt().event, irq)
+            .map_err(kvm_setup("wiring a virtio interrupt"))?;
+    }
+    let transport = MmioTransport::new(memory.clone(), device);
+    mmio.insert(
+        base,
+        layout::VIRTIO_MMIO_SIZE,
+        Arc::new(Mutex::new(transport)),
+    )
+    .map_err(device_err("a virtio-mmio window"))?;
+    Ok((base, irq))
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        MmioTransport::write(self, offset, data)
+    }
+}
+
+/// Turns the i8042's reset into the end of the VM.
+struct ResetWatcher {
+    reset: EventFd,
+    exit: Arc<ExitSignal>,
+}
+
+impl MutEventSubscriber for ResetWatcher {
+    fn process(&mut self, _events: event_manager::Events, _ops: &mut event_manager::EventOps) {
+        let _ = self.reset.read();
+        self.exit
+            .signal(VmExit::GuestStopped("reset through the i8042".into()));
+    }
+
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        if let Err(e) = ops.add(event_manager::Events::new(
+            &self.reset,
+            event_manager::EventSet::IN,
+        )) {
+            tracing::error!("watching the reset event: {e:?}");
+        }
+    }
+}
