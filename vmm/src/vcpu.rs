@@ -60,7 +60,8 @@ pub fn create(kvm: &Kvm, vm: &VmFd, index: u8, count: u8, entry: u64) -> Result<
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("reading the supported CPUID"))?;
-    cpuid::patch_for_vcpu(&mut cpuid, index, count);
+    let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    cpuid::patch_for_vcpu(&mut cpuid, index, count, tsc_deadline);
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("setting CPUID"))?;
     vcpu.set_msrs(&msr::boot_msrs())
         .map_err(kvm_err("setting MSRs"))?;
