@@ -164,10 +164,36 @@ impl Sandbox {
         )
     }
 
+    /// Why the VM is gone, waiting up to `grace` for a dying VMM to finish
+    /// exiting: its sockets close before its exit status exists, so a broken
+    /// agent connection usually arrives a moment before the VMM's death.
+    pub fn death_within(&mut self, grace: Duration) -> Option<SandboxError> {
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Some(death) = self.death() {
+                return Some(death);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Why the VM is gone, if it is.
     pub fn death(&mut self) -> Option<SandboxError> {
+        use std::os::unix::process::ExitStatusExt;
         let status = self.vmm_exit()?;
         let log = self.vmm_log();
+        if let Some(signal) = status.signal() {
+            let name = nix::sys::signal::Signal::try_from(signal)
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_else(|_| format!("signal {signal}"));
+            return Some(SandboxError::VmDied(format!(
+                "its VMM was killed by {name}{}",
+                self.console_tail()
+            )));
+        }
         Some(if status.success() {
             let how = log
                 .lines()

@@ -24,10 +24,14 @@ pub enum RunError {
     Connect { dir: String, source: io::Error },
     #[error("the test host could not start {argv:?}: {message}")]
     SpawnFailed { argv: Vec<String>, message: String },
-    #[error("the test host went away while {argv:?} ran")]
-    Lost { argv: Vec<String> },
-    #[error("the test host did not end {argv:?} within {grace:?} of its timeout: the test host is wedged (see console.log in its state directory)")]
-    Wedged { argv: Vec<String>, grace: Duration },
+    #[error("the test host went away while {argv:?} ran\n{report}")]
+    Lost { argv: Vec<String>, report: String },
+    #[error("the test host did not end {argv:?} within {grace:?} of its timeout: the test host is wedged\n{report}")]
+    Wedged {
+        argv: Vec<String>,
+        grace: Duration,
+        report: String,
+    },
     #[error("talking to the test host: {0}")]
     Io(#[from] io::Error),
 }
@@ -62,6 +66,7 @@ pub fn run(
     Frame::json(0, Kind::Spawn, request).write_to(&mut stream)?;
     let lost = || RunError::Lost {
         argv: request.argv.clone(),
+        report: testhost::failure_report(dir, Duration::from_secs(15)),
     };
     // Detached: a reader such as a terminal may never end; the thread goes
     // when its next write finds the stream closed.
@@ -97,6 +102,7 @@ pub fn run(
                         return Err(RunError::Wedged {
                             argv: request.argv.clone(),
                             grace: KILL_GRACE,
+                            report: testhost::failure_report(dir, Duration::ZERO),
                         });
                     }
                     continue;

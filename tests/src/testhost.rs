@@ -259,6 +259,35 @@ pub fn tail_lines(path: &Path, count: usize) -> String {
     lines[lines.len().saturating_sub(count)..].join("\n")
 }
 
+/// Where a supervisor whose test host died leaves its account of it: next to
+/// the state directory, which is removed when the supervisor ends.
+pub fn failure_file(dir: &Path) -> PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(".failure");
+    PathBuf::from(name)
+}
+
+/// What is known about a test host that went away or wedged: the
+/// supervisor's failure file (waiting up to `wait` for it), else the tails of
+/// its console and QEMU logs as they are now.
+pub fn failure_report(dir: &Path, wait: Duration) -> String {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Ok(report) = fs::read_to_string(failure_file(dir)) {
+            return report;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    format!(
+        "--- last console lines ---\n{}\n--- QEMU said ---\n{}",
+        tail_lines(&dir.join(CONSOLE_LOG), 60),
+        tail_lines(&dir.join("qemu.log"), 20)
+    )
+}
+
 type Routes = Arc<Mutex<HashMap<u32, Sender<Frame>>>>;
 
 /// A booted test host: its QEMU process and the command port.
@@ -411,11 +440,16 @@ impl Supervisor {
                 break Ok(());
             }
             if this.port_closed.load(Ordering::SeqCst) {
-                break Err(TestHostError::Boot {
-                    reason: "the test host went away (QEMU ended or its port closed)".into(),
+                let error = TestHostError::Boot {
+                    reason: format!(
+                        "the test host went away (its command port closed; QEMU {})",
+                        this.qemu_status(Duration::from_secs(3))
+                    ),
                     console: this.dir.join(CONSOLE_LOG),
-                    tail: tail_lines(&this.dir.join(CONSOLE_LOG), 50),
-                });
+                    tail: failure_report(&this.dir, Duration::ZERO),
+                };
+                let _ = fs::write(failure_file(&this.dir), error.to_string());
+                break Err(error);
             }
             match listener.accept() {
                 Ok((client, _)) => {
@@ -439,6 +473,23 @@ impl Supervisor {
         // Client threads may still hold references; shut down through the shared handle.
         this.power_off();
         result
+    }
+
+    /// How QEMU ended, waiting up to `wait` for it (without reaping it).
+    fn qemu_status(&self, wait: Duration) -> String {
+        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+        let pid = nix::unistd::Pid::from_raw(self.qemu.id() as i32);
+        let deadline = Instant::now() + wait;
+        loop {
+            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+            match waitid(Id::Pid(pid), flags) {
+                Ok(WaitStatus::Exited(_, code)) => return format!("exited with status {code}"),
+                Ok(WaitStatus::Signaled(_, signal, _)) => return format!("was killed by {signal}"),
+                Ok(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+                Ok(_) => return format!("still runs after {wait:?}"),
+                Err(e) => return format!("status unknown: {e}"),
+            }
+        }
     }
 
     fn power_off(&self) {
@@ -546,7 +597,14 @@ fn route_guest_frames(
                     let _ = route.send(frame);
                 }
             }
-            Ok(None) | Err(_) => break,
+            Ok(None) => {
+                tracing::warn!("the test host closed its command port");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!("reading the test host's command port: {e}");
+                break;
+            }
         }
     }
     closed.store(true, Ordering::SeqCst);

@@ -100,7 +100,7 @@ fn run(options: RunOptions) -> Result<u8> {
         }
         Err(e) => {
             // The VM's death explains a broken agent connection best.
-            match sandbox.death() {
+            match sandbox.death_within(std::time::Duration::from_secs(2)) {
                 Some(death) => bail!("{death}"),
                 None => return Err(e),
             }

@@ -308,11 +308,16 @@ fn with(options: &Options) -> Result<u8> {
         .split_first()
         .context("with needs a command")?;
     let test_host = OwnTestHost::boot(options)?;
+    let failure = testhost::failure_file(&test_host.dir());
     let status = Command::new(program)
         .args(args)
         .env("MICROVM_TESTHOST_DIR", test_host.dir())
         .status()
         .with_context(|| format!("running {program}"))?;
+    if let Ok(report) = std::fs::read_to_string(&failure) {
+        eprintln!("testhost: the test host died during the run:\n{report}");
+        let _ = std::fs::remove_file(&failure);
+    }
     Ok(status.code().unwrap_or(1).clamp(0, 255) as u8)
 }
 

@@ -255,19 +255,34 @@ fn serve_commands() -> Result<()> {
             bail!("the host closed the command port");
         };
         match frame.kind {
-            Kind::Spawn => {
-                let request: SpawnRequest = frame.parse_json()?;
-                spawn_command(frame.channel, request, &writer, &running);
-            }
+            Kind::Spawn => match frame.parse_json::<SpawnRequest>() {
+                Ok(request) => spawn_command(frame.channel, request, &writer, &running),
+                Err(e) => send(
+                    &writer,
+                    Frame::new(
+                        frame.channel,
+                        Kind::SpawnFailed,
+                        format!("bad request: {e}").as_bytes(),
+                    ),
+                ),
+            },
             Kind::Stdin => {
                 if let Some(command) = running.lock().unwrap().get(&frame.channel) {
                     let _ = command.stdin.send(frame.payload);
                 }
             }
             Kind::Signal => {
-                let signal = Signal::try_from(frame.signal()?)?;
-                if let Some(command) = running.lock().unwrap().get(&frame.channel) {
-                    let _ = killpg(command.process_group, signal);
+                let signal = frame
+                    .signal()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|n| Signal::try_from(n).map_err(anyhow::Error::from));
+                match signal {
+                    Ok(signal) => {
+                        if let Some(command) = running.lock().unwrap().get(&frame.channel) {
+                            let _ = killpg(command.process_group, signal);
+                        }
+                    }
+                    Err(e) => eprintln!("testhost-init: ignoring a bad signal frame: {e:#}"),
                 }
             }
             Kind::Shutdown => return Ok(()),
