@@ -10,6 +10,8 @@ build_dir="$repo/build"
 packages=(
     linux-source-6.1 flex bison bc libelf-dev libssl-dev build-essential xz-utils
     linux-image-amd64 kmod qemu-system-x86 busybox-static
+    # runc: the reference the container tests compare the agent with.
+    runc
 )
 
 as_root() {

@@ -85,9 +85,72 @@ const MOUNTS: &[(&str, &str, &str, MsFlags, &str)] = &[
     ),
 ];
 
+/// Where the sandbox's shared file system is mounted in the guest.
+pub const SHARED_DIR: &str = "/run/microvm/shared";
+
+/// Moves the root off the initramfs: pivot_root (which containers need)
+/// refuses to work while the root is the kernel's rootfs, so the root
+/// becomes a bind mount of itself, as switch_root does with a real root.
+fn leave_initramfs() -> Result<(), InitError> {
+    const NEW_ROOT: &str = "/.root";
+    std::fs::create_dir_all(NEW_ROOT).map_err(|source| InitError::MountPoint {
+        path: NEW_ROOT.into(),
+        source,
+    })?;
+    let failed = |what: &'static str| {
+        move |source| InitError::Mount {
+            fstype: what,
+            path: "/",
+            source,
+        }
+    };
+    mount(
+        Some("/"),
+        NEW_ROOT,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(failed("bind"))?;
+    nix::unistd::chdir(NEW_ROOT).map_err(failed("chdir"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(failed("move"))?;
+    nix::unistd::chroot(".").map_err(failed("chroot"))?;
+    nix::unistd::chdir("/").map_err(failed("chdir"))?;
+    Ok(())
+}
+
+/// Mounts the sandbox's virtio-fs share (tag `tag`) at [`SHARED_DIR`].
+pub fn mount_shared_fs(tag: &str) -> Result<std::path::PathBuf, InitError> {
+    std::fs::create_dir_all(SHARED_DIR).map_err(|source| InitError::MountPoint {
+        path: SHARED_DIR.into(),
+        source,
+    })?;
+    match mount(
+        Some(tag),
+        SHARED_DIR,
+        Some("virtiofs"),
+        MsFlags::MS_NODEV,
+        None::<&str>,
+    ) {
+        Ok(()) | Err(nix::Error::EBUSY) => Ok(SHARED_DIR.into()),
+        Err(source) => Err(InitError::Mount {
+            fstype: "virtiofs",
+            path: SHARED_DIR,
+            source,
+        }),
+    }
+}
+
+pub fn unmount_shared_fs(path: &Path) {
+    if let Err(e) = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+        tracing::warn!("unmounting {}: {e}", path.display());
+    }
+}
+
 /// Mounts /proc, /sys, /dev (+pts, shm), /run, /tmp and the cgroup2
 /// hierarchy; sets the hostname. Something already mounted is left alone.
 pub fn setup() -> Result<(), InitError> {
+    leave_initramfs()?;
     for &(source, target, fstype, flags, data) in MOUNTS {
         std::fs::create_dir_all(target).map_err(|source| InitError::MountPoint {
             path: target.to_string(),

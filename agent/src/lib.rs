@@ -3,11 +3,13 @@
 //! 1024: running processes with their stdio streamed to the host, signalling
 //! and waiting for them, and shutting the VM down.
 //!
+//! - [`container`]: OCI containers (create, start, exec, cgroups, ...);
 //! - [`init`]: what PID 1 sets up (mounts, hostname) and how it ends the VM;
 //! - [`process`]: processes the agent started, their pipes and exit status;
 //! - [`reaper`]: the SIGCHLD thread that collects every child's status;
 //! - [`service`]: the ttrpc service mapping requests onto the above.
 
+pub mod container;
 pub mod init;
 pub mod process;
 pub mod reaper;

@@ -30,6 +30,11 @@ fn listen_address(args: &[String], is_init: bool) -> Result<String> {
 
 fn serve(address: &str, is_init: bool) -> Result<()> {
     reaper::block_sigchld().context("blocking SIGCHLD")?;
+    if !is_init {
+        // Container processes outlive their setup parents: be their reaper
+        // (as PID 1 we are anyway).
+        nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
+    }
     if is_init {
         init::setup().context("setting up the guest")?;
     }
@@ -59,6 +64,9 @@ fn serve(address: &str, is_init: bool) -> Result<()> {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some(agent::container::SETUP_ARG) {
+        agent::container::child::main();
+    }
     let is_init = std::process::id() == 1;
     if is_init {
         std::env::set_var(

@@ -2,9 +2,11 @@
 //! exec id (from the host) or pid (from the reaper).
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::{ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// How a process ended.
@@ -30,6 +32,8 @@ pub enum ProcessError {
     Spawn { program: String, source: io::Error },
     #[error("working directory {cwd}: {source}")]
     Cwd { cwd: String, source: io::Error },
+    #[error("process {0:?} has no terminal")]
+    NoTerminal(String),
     #[error("stdin of {0:?} is closed")]
     StdinClosed(String),
     #[error("{what} of {exec_id:?}: {source}")]
@@ -62,25 +66,48 @@ pub enum Stream {
     Stderr,
 }
 
+/// A process's key: (container id, exec id); the container id is empty for
+/// guest-level processes.
+pub type ProcessKey = (String, String);
+
+/// The host ends of a process's stdio: pipes, or one pty master for all
+/// three (then `stdout` reads it, `stdin` writes it, `stderr` is None).
+#[derive(Default)]
+pub struct Stdio3 {
+    pub stdin: Option<File>,
+    pub stdout: Option<File>,
+    pub stderr: Option<File>,
+    /// The pty master, for resizing.
+    pub tty: Option<File>,
+}
+
 /// One started process.
 pub struct Process {
     pub exec_id: String,
+    /// Empty for guest-level processes.
+    pub container_id: String,
     pub pid: i32,
-    stdin: Mutex<Option<ChildStdin>>,
-    stdout: Mutex<Option<ChildStdout>>,
-    stderr: Mutex<Option<ChildStderr>>,
+    stdin: Mutex<Option<File>>,
+    stdout: Mutex<Option<File>>,
+    stderr: Mutex<Option<File>>,
+    tty: Option<File>,
     exit: Mutex<Option<Exit>>,
     exited: Condvar,
 }
 
-/// One read from an output pipe; the pipe is dropped at its EOF.
-fn read_pipe<R: Read>(pipe: &mut Option<R>, buf: &mut [u8]) -> io::Result<usize> {
+/// One read from an output pipe or pty master; it is dropped at its EOF
+/// (a pty master reports EIO once the last slave fd closed).
+fn read_pipe(pipe: &mut Option<File>, buf: &mut [u8]) -> io::Result<usize> {
     let Some(reader) = pipe.as_mut() else {
         return Ok(0);
     };
     loop {
         match reader.read(buf) {
             Ok(0) => {
+                *pipe = None;
+                return Ok(0);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {
                 *pipe = None;
                 return Ok(0);
             }
@@ -97,6 +124,28 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Process {
+    pub fn new(exec_id: &str, pid: i32, stdio: Stdio3) -> Process {
+        Process {
+            exec_id: exec_id.to_string(),
+            container_id: String::new(),
+            pid,
+            stdin: Mutex::new(stdio.stdin),
+            stdout: Mutex::new(stdio.stdout),
+            stderr: Mutex::new(stdio.stderr),
+            tty: stdio.tty,
+            exit: Mutex::new(None),
+            exited: Condvar::new(),
+        }
+    }
+
+    /// A container's process.
+    pub fn in_container(container_id: &str, exec_id: &str, pid: i32, stdio: Stdio3) -> Process {
+        Process {
+            container_id: container_id.to_string(),
+            ..Process::new(exec_id, pid, stdio)
+        }
+    }
+
     /// Up to `max` bytes of output, blocking until some is there; empty at EOF.
     /// Output stays readable after the process ended.
     pub fn read(&self, stream: Stream, max: usize) -> Result<Vec<u8>, ProcessError> {
@@ -132,7 +181,42 @@ impl Process {
     }
 
     pub fn close_stdin(&self) {
+        if self.tty.is_some() {
+            // A terminal has no stdin of its own to close: send EOF (^D).
+            if let Some(master) = lock(&self.stdin).as_mut() {
+                let _ = master.write_all(&[4]);
+            }
+            return;
+        }
         lock(&self.stdin).take();
+    }
+
+    /// Sets the terminal size of a TTY process.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ProcessError> {
+        let tty = self
+            .tty
+            .as_ref()
+            .ok_or_else(|| ProcessError::NoTerminal(self.exec_id.clone()))?;
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize struct, which we own.
+        if unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &size) } != 0 {
+            return Err(ProcessError::Io {
+                what: "resizing the terminal",
+                exec_id: self.exec_id.clone(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether this process has a terminal.
+    pub fn has_tty(&self) -> bool {
+        self.tty.is_some()
     }
 
     pub fn signal(&self, signal: i32) -> Result<(), ProcessError> {
@@ -175,8 +259,12 @@ impl Process {
 
 #[derive(Default)]
 struct Tables {
-    by_id: HashMap<String, Arc<Process>>,
+    by_key: HashMap<ProcessKey, Arc<Process>>,
     running: HashMap<i32, Arc<Process>>,
+}
+
+fn guest_key(exec_id: &str) -> ProcessKey {
+    (String::new(), exec_id.to_string())
 }
 
 /// Every process the agent started.
@@ -220,7 +308,7 @@ impl ProcessTable {
         // The table stays locked from spawn to insert, so the reaper cannot
         // route this pid's exit before the process is known.
         let mut tables = lock(&self.tables);
-        if let Some(existing) = tables.by_id.get(exec_id) {
+        if let Some(existing) = tables.by_key.get(&guest_key(exec_id)) {
             if existing.exit().is_none() {
                 return Err(ProcessError::AlreadyRunning(exec_id.to_string()));
             }
@@ -237,27 +325,61 @@ impl ProcessTable {
                 source,
             },
         })?;
-        let process = Arc::new(Process {
-            exec_id: exec_id.to_string(),
-            pid: child.id() as i32,
-            stdin: Mutex::new(child.stdin.take()),
-            stdout: Mutex::new(child.stdout.take()),
-            stderr: Mutex::new(child.stderr.take()),
-            exit: Mutex::new(None),
-            exited: Condvar::new(),
-        });
+        let file = |fd: Option<OwnedFd>| fd.map(File::from);
+        let process = Arc::new(Process::new(
+            exec_id,
+            child.id() as i32,
+            Stdio3 {
+                stdin: file(child.stdin.take().map(OwnedFd::from)),
+                stdout: file(child.stdout.take().map(OwnedFd::from)),
+                stderr: file(child.stderr.take().map(OwnedFd::from)),
+                tty: None,
+            },
+        ));
         // `child` is dropped without waiting: the reaper collects every child.
-        tables.by_id.insert(exec_id.to_string(), process.clone());
+        tables.by_key.insert(guest_key(exec_id), process.clone());
         tables.running.insert(process.pid, process.clone());
         Ok(process)
     }
 
+    /// Registers a process started elsewhere (a container's). Call with the
+    /// process unable to exit yet (it waits for its start), so the reaper
+    /// cannot see its exit before it is known here.
+    pub fn register(&self, key: ProcessKey, process: Arc<Process>) -> Result<(), ProcessError> {
+        let mut tables = lock(&self.tables);
+        if let Some(existing) = tables.by_key.get(&key) {
+            if existing.exit().is_none() {
+                return Err(ProcessError::AlreadyRunning(key.1));
+            }
+        }
+        tables.by_key.insert(key, process.clone());
+        tables.running.insert(process.pid, process);
+        Ok(())
+    }
+
+    /// Forgets every process of a container.
+    pub fn remove_container(&self, container_id: &str) {
+        let mut tables = lock(&self.tables);
+        tables
+            .by_key
+            .retain(|(container, _), _| container != container_id);
+        tables
+            .running
+            .retain(|_, process| process.container_id != container_id);
+    }
+
     pub fn get(&self, exec_id: &str) -> Result<Arc<Process>, ProcessError> {
-        lock(&self.tables)
-            .by_id
-            .get(exec_id)
-            .cloned()
-            .ok_or_else(|| ProcessError::UnknownProcess(exec_id.to_string()))
+        self.lookup(&guest_key(exec_id))
+    }
+
+    pub fn lookup(&self, key: &ProcessKey) -> Result<Arc<Process>, ProcessError> {
+        lock(&self.tables).by_key.get(key).cloned().ok_or_else(|| {
+            ProcessError::UnknownProcess(if key.0.is_empty() {
+                key.1.clone()
+            } else {
+                format!("{}/{}", key.0, key.1)
+            })
+        })
     }
 
     /// Reaps `pid` with `reap` while no spawn is in flight, and hands its

@@ -8,20 +8,29 @@ use protocols::agent::*;
 use protocols::agent_ttrpc::AgentService;
 use ttrpc::{Code, TtrpcContext};
 
-use crate::process::{Exit, ProcessError, ProcessTable, Spec, Stream};
+use crate::container::{ContainerError, Containers};
+use crate::process::{Exit, Process, ProcessError, ProcessTable, Spec, Stream};
 
 /// Most bytes one ReadStdout/ReadStderr returns.
 pub const MAX_READ: usize = 64 * 1024;
 
 pub struct Agent {
     processes: Arc<ProcessTable>,
+    containers: Containers,
+    /// Where the sandbox's shared file system is mounted, once it is.
+    share: std::sync::Mutex<Option<std::path::PathBuf>>,
     /// As PID 1, Shutdown resets the VM; otherwise (host tests) it exits.
     is_init: bool,
 }
 
 impl Agent {
     pub fn new(processes: Arc<ProcessTable>, is_init: bool) -> Self {
-        Self { processes, is_init }
+        Self {
+            containers: Containers::new(processes.clone()),
+            processes,
+            share: std::sync::Mutex::new(None),
+            is_init,
+        }
     }
 }
 
@@ -33,8 +42,26 @@ fn status(error: ProcessError) -> ttrpc::Error {
         ProcessError::EmptyArgv | ProcessError::Cwd { .. } | ProcessError::Signal { .. } => {
             Code::INVALID_ARGUMENT
         }
-        ProcessError::StdinClosed(_) => Code::FAILED_PRECONDITION,
+        ProcessError::StdinClosed(_) | ProcessError::NoTerminal(_) => Code::FAILED_PRECONDITION,
         ProcessError::Spawn { .. } | ProcessError::Io { .. } => Code::INTERNAL,
+    };
+    protocols::status(code, error.to_string())
+}
+
+fn container_status(error: ContainerError) -> ttrpc::Error {
+    let code = match &error {
+        ContainerError::Process(_) => {
+            let ContainerError::Process(inner) = error else {
+                unreachable!()
+            };
+            return status(inner);
+        }
+        ContainerError::InvalidSpec(_) => Code::INVALID_ARGUMENT,
+        ContainerError::NotFound(_) | ContainerError::ExecNotFound(_) => Code::NOT_FOUND,
+        ContainerError::Exists(_) => Code::ALREADY_EXISTS,
+        ContainerError::WrongState { .. } => Code::FAILED_PRECONDITION,
+        ContainerError::ExecDenied(_) => Code::PERMISSION_DENIED,
+        ContainerError::Setup(_) | ContainerError::Cgroup(_) => Code::INTERNAL,
     };
     protocols::status(code, error.to_string())
 }
@@ -83,7 +110,7 @@ impl AgentService for Agent {
         _ctx: &TtrpcContext,
         req: WriteStreamRequest,
     ) -> ttrpc::Result<WriteStreamResponse> {
-        let process = self.processes.get(&req.exec_id).map_err(status)?;
+        let process = self.process(&req.container_id, &req.exec_id)?;
         process.write_stdin(&req.data).map_err(status)?;
         Ok(WriteStreamResponse {
             len: req.data.len() as u32,
@@ -96,10 +123,7 @@ impl AgentService for Agent {
         _ctx: &TtrpcContext,
         req: CloseStdinRequest,
     ) -> ttrpc::Result<CloseStdinResponse> {
-        self.processes
-            .get(&req.exec_id)
-            .map_err(status)?
-            .close_stdin();
+        self.process(&req.container_id, &req.exec_id)?.close_stdin();
         Ok(CloseStdinResponse::default())
     }
 
@@ -108,8 +132,14 @@ impl AgentService for Agent {
         _ctx: &TtrpcContext,
         req: SignalProcessRequest,
     ) -> ttrpc::Result<SignalProcessResponse> {
-        let process = self.processes.get(&req.exec_id).map_err(status)?;
-        process.signal(req.signal as i32).map_err(status)?;
+        if req.container_id.is_empty() {
+            let process = self.processes.get(&req.exec_id).map_err(status)?;
+            process.signal(req.signal as i32).map_err(status)?;
+        } else {
+            self.containers
+                .signal(&req.container_id, &req.exec_id, req.signal as i32, req.all)
+                .map_err(container_status)?;
+        }
         Ok(SignalProcessResponse::default())
     }
 
@@ -118,16 +148,184 @@ impl AgentService for Agent {
         _ctx: &TtrpcContext,
         req: WaitProcessRequest,
     ) -> ttrpc::Result<WaitProcessResponse> {
-        let process = self.processes.get(&req.exec_id).map_err(status)?;
+        let process = self.process(&req.container_id, &req.exec_id)?;
         let (status, signal) = match process.wait() {
             Exit::Code(code) => (code, 0),
             Exit::Signal(signal) => (0, signal as u32),
         };
+        let is_init = !req.container_id.is_empty()
+            && (req.exec_id.is_empty() || req.exec_id == req.container_id);
         Ok(WaitProcessResponse {
             status,
             signal,
+            oom_killed: is_init && self.containers.oom_killed(&req.container_id),
             ..Default::default()
         })
+    }
+
+    fn create_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<CreateSandboxResponse> {
+        if !req.hostname.is_empty() {
+            nix::unistd::sethostname(&req.hostname).map_err(|e| {
+                protocols::status(
+                    Code::INVALID_ARGUMENT,
+                    format!("hostname {:?}: {e}", req.hostname),
+                )
+            })?;
+        }
+        if !req.shared_fs_tag.is_empty() {
+            let path = crate::init::mount_shared_fs(&req.shared_fs_tag)
+                .map_err(|e| protocols::status(Code::INTERNAL, e.to_string()))?;
+            *self.share.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
+        }
+        Ok(CreateSandboxResponse::default())
+    }
+
+    fn destroy_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: DestroySandboxRequest,
+    ) -> ttrpc::Result<DestroySandboxResponse> {
+        self.containers.remove_all();
+        if let Some(path) = self.share.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            crate::init::unmount_shared_fs(&path);
+        }
+        Ok(DestroySandboxResponse::default())
+    }
+
+    fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        let share = self
+            .share
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from("/"));
+        let bundle = crate::container::bundle_in_share(&share, &req.bundle);
+        let pid = self
+            .containers
+            .create(&req.container_id, &req.spec_json, &bundle)
+            .map_err(container_status)?;
+        tracing::debug!("created container {} (init pid {pid})", req.container_id);
+        Ok(CreateContainerResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StartContainerRequest,
+    ) -> ttrpc::Result<StartContainerResponse> {
+        self.containers
+            .start(&req.container_id)
+            .map_err(container_status)?;
+        Ok(StartContainerResponse::default())
+    }
+
+    fn exec_in_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecInContainerRequest,
+    ) -> ttrpc::Result<ExecInContainerResponse> {
+        let pid = self
+            .containers
+            .exec(&req.container_id, &req.exec_id, &req.process_json)
+            .map_err(container_status)?;
+        Ok(ExecInContainerResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    fn resize_tty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ResizeTtyRequest,
+    ) -> ttrpc::Result<ResizeTtyResponse> {
+        let process = self.process(&req.container_id, &req.exec_id)?;
+        process
+            .resize(
+                req.rows.min(u16::MAX as u32) as u16,
+                req.cols.min(u16::MAX as u32) as u16,
+            )
+            .map_err(status)?;
+        Ok(ResizeTtyResponse::default())
+    }
+
+    fn list_pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ListPidsRequest,
+    ) -> ttrpc::Result<ListPidsResponse> {
+        Ok(ListPidsResponse {
+            pids: self
+                .containers
+                .pids(&req.container_id)
+                .map_err(container_status)?,
+            ..Default::default()
+        })
+    }
+
+    fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StatsContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        self.containers
+            .stats(&req.container_id)
+            .map_err(container_status)
+    }
+
+    fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: PauseContainerRequest,
+    ) -> ttrpc::Result<PauseContainerResponse> {
+        self.containers
+            .pause(&req.container_id)
+            .map_err(container_status)?;
+        Ok(PauseContainerResponse::default())
+    }
+
+    fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ResumeContainerRequest,
+    ) -> ttrpc::Result<ResumeContainerResponse> {
+        self.containers
+            .resume(&req.container_id)
+            .map_err(container_status)?;
+        Ok(ResumeContainerResponse::default())
+    }
+
+    fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<UpdateContainerResponse> {
+        self.containers
+            .update(&req.container_id, &req.resources_json)
+            .map_err(container_status)?;
+        Ok(UpdateContainerResponse::default())
+    }
+
+    fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<RemoveContainerResponse> {
+        self.containers
+            .remove(&req.container_id)
+            .map_err(container_status)?;
+        Ok(RemoveContainerResponse::default())
     }
 
     fn shutdown(
@@ -150,8 +348,21 @@ impl AgentService for Agent {
 }
 
 impl Agent {
+    /// A guest-level process (empty container id) or a container's; an
+    /// empty exec id names the container's init.
+    fn process(&self, container_id: &str, exec_id: &str) -> ttrpc::Result<Arc<Process>> {
+        let exec_id = if exec_id.is_empty() {
+            container_id
+        } else {
+            exec_id
+        };
+        self.processes
+            .lookup(&(container_id.to_string(), exec_id.to_string()))
+            .map_err(status)
+    }
+
     fn read(&self, req: ReadStreamRequest, stream: Stream) -> ttrpc::Result<ReadStreamResponse> {
-        let process = self.processes.get(&req.exec_id).map_err(status)?;
+        let process = self.process(&req.container_id, &req.exec_id)?;
         let max = match req.len as usize {
             0 => MAX_READ,
             len => len.min(MAX_READ),

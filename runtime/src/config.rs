@@ -12,6 +12,7 @@ use std::time::Duration;
 pub const KERNEL_FILE: &str = "vmlinux";
 pub const INITRD_FILE: &str = "microvm-initramfs.cpio";
 pub const VMM_BINARY: &str = "microvm-vmm";
+pub const ROOTFS_DIR: &str = "busybox-rootfs";
 const SHARE_DIR: &str = "/usr/share/microvm";
 
 #[derive(Debug, Clone)]
@@ -26,6 +27,20 @@ pub struct SandboxConfig {
     pub extra_cmdline: String,
     /// How long the guest agent may take to answer after the VMM starts.
     pub agent_timeout: Duration,
+    /// A host directory the guest sees over virtio-fs (tag `microvm`).
+    pub shared_dir: Option<PathBuf>,
+    /// Host paths bind-mounted into the shared directory (which defaults to
+    /// `shared/` in the sandbox's state directory), in the VMM's own mount
+    /// namespace: they vanish with the VMM, however it ends.
+    pub shared_binds: Vec<SharedBind>,
+}
+
+/// A host path shown in the sandbox's shared directory.
+#[derive(Debug, Clone)]
+pub struct SharedBind {
+    pub source: PathBuf,
+    /// Relative path inside the shared directory.
+    pub target: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +65,16 @@ fn find_asset(
     what: &'static str,
     hint: &'static str,
 ) -> Result<PathBuf, AssetMissing> {
+    find_asset_where(env, file, what, hint, Path::is_file)
+}
+
+fn find_asset_where(
+    env: &str,
+    file: &str,
+    what: &'static str,
+    hint: &'static str,
+    usable: fn(&Path) -> bool,
+) -> Result<PathBuf, AssetMissing> {
     let mut candidates = Vec::new();
     if let Some(path) = std::env::var_os(env) {
         candidates.push(PathBuf::from(path));
@@ -61,7 +86,7 @@ fn find_asset(
     }
     candidates
         .iter()
-        .find(|p| p.is_file())
+        .find(|p| usable(p))
         .cloned()
         .ok_or_else(|| AssetMissing {
             what,
@@ -80,6 +105,17 @@ pub fn default_kernel() -> Result<PathBuf, AssetMissing> {
         KERNEL_FILE,
         "guest kernel",
         "run scripts/setup.sh or pass --kernel",
+    )
+}
+
+/// The container rootfs used when the user names no image: busybox.
+pub fn default_rootfs() -> Result<PathBuf, AssetMissing> {
+    find_asset_where(
+        "MICROVM_ROOTFS",
+        ROOTFS_DIR,
+        "default container rootfs",
+        "run scripts/setup.sh or pass --rootfs/--image",
+        Path::is_dir,
     )
 }
 
@@ -142,6 +178,8 @@ impl SandboxConfig {
             console: None,
             extra_cmdline: String::new(),
             agent_timeout,
+            shared_dir: None,
+            shared_binds: Vec::new(),
         })
     }
 }

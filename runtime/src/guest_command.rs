@@ -1,8 +1,10 @@
-//! Running one command in the guest through the agent: start it, pump
-//! stdin/stdout/stderr both ways while it runs, forward signals, wait for its
-//! end. A dead VM breaks the agent connection at once, so nothing waits forever.
+//! Running one process in the guest through the agent — a guest-level
+//! command, or a container's init from an OCI spec — and pumping its stdio
+//! both ways while it runs (a terminal in raw mode with its size followed
+//! when it is a TTY), forwarding signals, waiting for its end. A dead VM
+//! breaks the agent connection at once, so nothing waits forever.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,12 +17,55 @@ use protocols::agent_ttrpc::AgentServiceClient;
 
 use crate::sandbox::Sandbox;
 
-/// What to run and how.
+/// A guest-level command (no container).
 #[derive(Debug, Clone)]
 pub struct GuestCommand {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: String,
+}
+
+/// A container to create and run to its end.
+#[derive(Debug, Clone)]
+pub struct ContainerLaunch {
+    pub id: String,
+    pub spec: oci_spec::runtime::Spec,
+    /// The bundle's path inside the sandbox's share.
+    pub bundle: String,
+    /// The virtio-fs tag of the share.
+    pub shared_fs_tag: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum Launch {
+    Guest(GuestCommand),
+    Container(Box<ContainerLaunch>),
+}
+
+impl Launch {
+    fn argv(&self) -> Vec<String> {
+        match self {
+            Launch::Guest(command) => command.argv.clone(),
+            Launch::Container(c) => c
+                .spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.args().clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn terminal(&self) -> bool {
+        match self {
+            Launch::Guest(_) => false,
+            Launch::Container(c) => c
+                .spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.terminal())
+                .unwrap_or(false),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,10 +77,21 @@ pub enum Outcome {
     CannotRun { code: u8, message: String },
 }
 
-const EXEC_ID: &str = "cmd";
+/// The process the pumps talk to.
+#[derive(Clone)]
+struct Target {
+    container_id: String,
+    exec_id: String,
+}
+
+const GUEST_EXEC_ID: &str = "cmd";
 
 fn no_timeout() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(0)
+}
+
+fn short_timeout() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(Duration::from_secs(10).as_nanos() as i64)
 }
 
 /// Watches the VMM process; when it ends, shuts the agent stream down so
@@ -61,154 +117,300 @@ fn watch_vmm(vmm_pid: u32, stream: UnixStream, done: Arc<AtomicBool>) {
     });
 }
 
-/// Runs `command` in the guest whose agent is on `stream`.
-pub fn run(stream: UnixStream, command: &GuestCommand, sandbox: &mut Sandbox) -> Result<Outcome> {
+/// Runs `launch` in the guest whose agent is on `stream`.
+pub fn run(stream: UnixStream, launch: &Launch, sandbox: &mut Sandbox) -> Result<Outcome> {
     let done = Arc::new(AtomicBool::new(false));
     watch_vmm(sandbox.vmm_pid(), stream.try_clone()?, done.clone());
-    let result = run_connected(stream, command);
+    let result = run_connected(stream, launch);
     done.store(true, Ordering::SeqCst);
     result
 }
 
-fn run_connected(stream: UnixStream, command: &GuestCommand) -> Result<Outcome> {
+/// Runs `launch` through an agent reached without a VM (an agent serving on
+/// a Unix socket, e.g. for debugging the container engine on a host).
+pub fn run_on_agent(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
+    run_connected(stream, launch)
+}
+
+/// A start failure as the shell would report it, or an error.
+fn cannot_run(e: &ttrpc::Error, what: &str) -> Result<Outcome> {
+    let message = protocols::error_message(e);
+    if protocols::is_not_found(e) {
+        return Ok(Outcome::CannotRun { code: 127, message });
+    }
+    if matches!(e, ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::PERMISSION_DENIED) {
+        return Ok(Outcome::CannotRun { code: 126, message });
+    }
+    Err(anyhow::anyhow!("{what}: {message}"))
+}
+
+fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
     let client = AgentServiceClient::new(
         protocols::client_from_stream(stream)
             .map_err(|e| anyhow::anyhow!("agent connection: {e}"))?,
     );
-
-    let request = agent::ExecProcessRequest {
-        exec_id: EXEC_ID.into(),
-        argv: command.argv.clone(),
-        env: command
-            .env
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect(),
-        cwd: command.cwd.clone(),
-        ..Default::default()
-    };
-    if let Err(e) = client.exec_process(no_timeout(), &request) {
-        let message = protocols::error_message(&e);
-        if protocols::is_not_found(&e) {
-            return Ok(Outcome::CannotRun { code: 127, message });
-        }
-        if matches!(&e, ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::PERMISSION_DENIED) {
-            return Ok(Outcome::CannotRun { code: 126, message });
-        }
-        return Err(anyhow::anyhow!(
-            "starting {:?} in the guest: {message}",
-            command.argv
-        ));
-    }
-
-    // Output pumps: each ends at the stream's EOF (an empty chunk).
-    let pump = |stderr: bool| {
-        let client = client.clone();
-        thread::spawn(move || -> Result<()> {
-            let request = agent::ReadStreamRequest {
-                exec_id: EXEC_ID.into(),
+    let argv = launch.argv();
+    let target = match launch {
+        Launch::Guest(command) => {
+            let request = agent::ExecProcessRequest {
+                exec_id: GUEST_EXEC_ID.into(),
+                argv: command.argv.clone(),
+                env: command
+                    .env
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect(),
+                cwd: command.cwd.clone(),
                 ..Default::default()
             };
-            let mut out: Box<dyn Write> = if stderr {
-                Box::new(std::io::stderr())
-            } else {
-                Box::new(std::io::stdout())
-            };
-            loop {
-                let chunk = if stderr {
-                    client.read_stderr(no_timeout(), &request)
-                } else {
-                    client.read_stdout(no_timeout(), &request)
-                }
-                .map_err(|e| anyhow::anyhow!(protocols::error_message(&e)))?;
-                if chunk.data.is_empty() {
-                    return Ok(());
-                }
-                out.write_all(&chunk.data)?;
-                out.flush()?;
+            if let Err(e) = client.exec_process(no_timeout(), &request) {
+                return cannot_run(&e, &format!("starting {argv:?} in the guest"));
             }
-        })
+            Target {
+                container_id: String::new(),
+                exec_id: GUEST_EXEC_ID.into(),
+            }
+        }
+        Launch::Container(container) => {
+            client
+                .create_sandbox(
+                    no_timeout(),
+                    &agent::CreateSandboxRequest {
+                        shared_fs_tag: container.shared_fs_tag.clone(),
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| {
+                    anyhow::anyhow!("preparing the sandbox: {}", protocols::error_message(&e))
+                })?;
+            let spec_json = serde_json::to_string(&container.spec)?;
+            client
+                .create_container(
+                    no_timeout(),
+                    &agent::CreateContainerRequest {
+                        container_id: container.id.clone(),
+                        spec_json,
+                        bundle: container.bundle.clone(),
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| {
+                    anyhow::anyhow!("creating the container: {}", protocols::error_message(&e))
+                })?;
+            Target {
+                container_id: container.id.clone(),
+                exec_id: container.id.clone(),
+            }
+        }
     };
-    let stdout = pump(false);
-    let stderr = pump(true);
 
-    // Stdin pump: detached, since a terminal's stdin may never end.
-    {
-        let client = client.clone();
-        thread::spawn(move || {
-            let mut input = std::io::stdin();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = match input.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let request = agent::WriteStreamRequest {
-                    exec_id: EXEC_ID.into(),
-                    data: buf[..n].to_vec(),
-                    ..Default::default()
-                };
-                if client.write_stdin(no_timeout(), &request).is_err() {
-                    return;
-                }
-            }
-            let request = agent::CloseStdinRequest {
-                exec_id: EXEC_ID.into(),
+    let terminal = launch.terminal();
+    let _raw = if terminal { RawTerminal::enter() } else { None };
+    let stdout = pump_output(&client, &target, false);
+    let stderr = (!terminal).then(|| pump_output(&client, &target, true));
+
+    if let Launch::Container(container) = launch {
+        let started = client.start_container(
+            no_timeout(),
+            &agent::StartContainerRequest {
+                container_id: container.id.clone(),
                 ..Default::default()
-            };
-            let _ = client.close_stdin(no_timeout(), &request);
-        });
+            },
+        );
+        if let Err(e) = started {
+            let outcome = cannot_run(&e, &format!("starting {argv:?}"));
+            remove_container(&client, &container.id);
+            let _ = client.shutdown(short_timeout(), &agent::ShutdownRequest::default());
+            return outcome;
+        }
     }
-
-    // Signals to this process go to the command.
-    {
-        let client = client.clone();
-        let mut signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGINT,
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGHUP,
-            signal_hook::consts::SIGQUIT,
-        ])
-        .context("installing signal handlers")?;
-        thread::spawn(move || {
-            for signal in signals.forever() {
-                let request = agent::SignalProcessRequest {
-                    exec_id: EXEC_ID.into(),
-                    signal: signal as u32,
-                    ..Default::default()
-                };
-                let _ = client.signal_process(no_timeout(), &request);
-            }
-        });
-    }
+    pump_input(&client, &target);
+    forward_signals(&client, &target, terminal)?;
 
     let wait = client
         .wait_process(
             no_timeout(),
             &agent::WaitProcessRequest {
-                exec_id: EXEC_ID.into(),
+                container_id: target.container_id.clone(),
+                exec_id: target.exec_id.clone(),
                 ..Default::default()
             },
         )
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "waiting for {:?}: {}",
-                command.argv,
-                protocols::error_message(&e)
-            )
-        })?;
-    for pump in [stdout, stderr] {
+        .map_err(|e| anyhow::anyhow!("waiting for {argv:?}: {}", protocols::error_message(&e)))?;
+    for pump in std::iter::once(stdout).chain(stderr) {
         pump.join()
             .map_err(|_| anyhow::anyhow!("output pump panicked"))??;
+    }
+    if wait.oom_killed {
+        eprintln!("microvm: {argv:?} was killed: out of memory (the container's memory limit)");
     }
     let code = if wait.signal != 0 {
         128 + wait.signal
     } else {
         wait.status as u32
     };
-    let _ = client.shutdown(
-        ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64),
-        &agent::ShutdownRequest::default(),
-    );
+    if let Launch::Container(container) = launch {
+        remove_container(&client, &container.id);
+    }
+    let _ = client.shutdown(short_timeout(), &agent::ShutdownRequest::default());
     Ok(Outcome::Exited(code.min(255) as u8))
+}
+
+fn remove_container(client: &AgentServiceClient, id: &str) {
+    let request = agent::RemoveContainerRequest {
+        container_id: id.to_string(),
+        ..Default::default()
+    };
+    if let Err(e) = client.remove_container(short_timeout(), &request) {
+        tracing::warn!("removing container {id}: {}", protocols::error_message(&e));
+    }
+}
+
+/// Copies one output stream to ours until its EOF (an empty chunk).
+fn pump_output(
+    client: &AgentServiceClient,
+    target: &Target,
+    stderr: bool,
+) -> thread::JoinHandle<Result<()>> {
+    let client = client.clone();
+    let request = agent::ReadStreamRequest {
+        container_id: target.container_id.clone(),
+        exec_id: target.exec_id.clone(),
+        ..Default::default()
+    };
+    thread::spawn(move || -> Result<()> {
+        let mut out: Box<dyn Write> = if stderr {
+            Box::new(std::io::stderr())
+        } else {
+            Box::new(std::io::stdout())
+        };
+        loop {
+            let chunk = if stderr {
+                client.read_stderr(no_timeout(), &request)
+            } else {
+                client.read_stdout(no_timeout(), &request)
+            }
+            .map_err(|e| anyhow::anyhow!(protocols::error_message(&e)))?;
+            if chunk.data.is_empty() {
+                return Ok(());
+            }
+            out.write_all(&chunk.data)?;
+            out.flush()?;
+        }
+    })
+}
+
+/// Copies our stdin to the process; detached, since a terminal's stdin may
+/// never end.
+fn pump_input(client: &AgentServiceClient, target: &Target) {
+    let client = client.clone();
+    let target = target.clone();
+    thread::spawn(move || {
+        let mut input = std::io::stdin();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let request = agent::WriteStreamRequest {
+                container_id: target.container_id.clone(),
+                exec_id: target.exec_id.clone(),
+                data: buf[..n].to_vec(),
+                ..Default::default()
+            };
+            if client.write_stdin(no_timeout(), &request).is_err() {
+                return;
+            }
+        }
+        let request = agent::CloseStdinRequest {
+            container_id: target.container_id.clone(),
+            exec_id: target.exec_id.clone(),
+            ..Default::default()
+        };
+        let _ = client.close_stdin(no_timeout(), &request);
+    });
+}
+
+/// Signals to this process go to the command; with a terminal, size
+/// changes (SIGWINCH) go to its pty.
+fn forward_signals(client: &AgentServiceClient, target: &Target, terminal: bool) -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
+    let mut wanted = vec![SIGINT, SIGTERM, SIGHUP, SIGQUIT];
+    if terminal {
+        wanted.push(SIGWINCH);
+        resize(client, target);
+    }
+    let mut signals =
+        signal_hook::iterator::Signals::new(&wanted).context("installing signal handlers")?;
+    let client = client.clone();
+    let target = target.clone();
+    thread::spawn(move || {
+        for signal in signals.forever() {
+            if signal == SIGWINCH {
+                resize(&client, &target);
+                continue;
+            }
+            let request = agent::SignalProcessRequest {
+                container_id: target.container_id.clone(),
+                exec_id: target.exec_id.clone(),
+                signal: signal as u32,
+                ..Default::default()
+            };
+            let _ = client.signal_process(no_timeout(), &request);
+        }
+    });
+    Ok(())
+}
+
+/// Gives the process's pty our terminal's size.
+fn resize(client: &AgentServiceClient, target: &Target) {
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize struct, which we own.
+    if unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut size) } != 0 || size.ws_row == 0 {
+        return;
+    }
+    let request = agent::ResizeTtyRequest {
+        container_id: target.container_id.clone(),
+        exec_id: target.exec_id.clone(),
+        rows: size.ws_row as u32,
+        cols: size.ws_col as u32,
+        ..Default::default()
+    };
+    let _ = client.resize_tty(short_timeout(), &request);
+}
+
+/// Our terminal in raw mode while a TTY process runs; restored on drop.
+struct RawTerminal {
+    saved: nix::sys::termios::Termios,
+}
+
+impl RawTerminal {
+    fn enter() -> Option<RawTerminal> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+        Some(RawTerminal { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
 }

@@ -5,4 +5,5 @@
 pub mod config;
 pub mod guest_command;
 pub mod hybrid_vsock;
+pub mod oci;
 pub mod sandbox;

@@ -41,6 +41,91 @@ pub enum SandboxError {
     Connect(#[from] ConnectError),
 }
 
+/// The virtio-fs tag of the sandbox's shared directory.
+pub const SHARED_FS_TAG: &str = "microvm";
+/// The shared directory inside the state directory, when the config names none.
+const SHARED_DIR: &str = "shared";
+
+/// (source, target) of a bind, as C strings ready for mount(2).
+type Binds = Vec<(std::ffi::CString, std::ffi::CString)>;
+
+/// Adds the virtio-fs share to the VMM's arguments and creates the mount
+/// points of its binds.
+fn prepare_share(
+    config: &SandboxConfig,
+    dir: &Path,
+    command: &mut Command,
+) -> Result<Binds, SandboxError> {
+    use std::os::unix::ffi::OsStrExt;
+    let shared = match (&config.shared_dir, config.shared_binds.is_empty()) {
+        (Some(shared), _) => shared.clone(),
+        (None, false) => dir.join(SHARED_DIR),
+        (None, true) => return Ok(Vec::new()),
+    };
+    let state_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SandboxError::StateDir { path, source }
+    };
+    std::fs::create_dir_all(&shared).map_err(state_error(&shared))?;
+    let mut binds = Vec::new();
+    for bind in &config.shared_binds {
+        let meta = std::fs::metadata(&bind.source).map_err(|_| SandboxError::MissingFile {
+            what: "shared path",
+            path: bind.source.clone(),
+        })?;
+        let target = shared.join(&bind.target);
+        if meta.is_dir() {
+            std::fs::create_dir_all(&target).map_err(state_error(&target))?;
+        } else {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(state_error(parent))?;
+            }
+            std::fs::write(&target, b"").map_err(state_error(&target))?;
+        }
+        let c =
+            |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("paths have no NUL");
+        binds.push((c(&bind.source), c(&target)));
+    }
+    let mut fs_arg = std::ffi::OsString::from(format!("{SHARED_FS_TAG}="));
+    fs_arg.push(&shared);
+    command.arg("--fs").arg(fs_arg);
+    Ok(binds)
+}
+
+/// In the forked VMM, before exec: a mount namespace of its own (a slave of
+/// ours) holding the binds, so they disappear with the VMM.
+fn bind_in_own_namespace(binds: &Binds) -> std::io::Result<()> {
+    // SAFETY (of the calls below): plain syscalls on C strings that outlive them.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        for (source, target) in binds {
+            if libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
 static SANDBOX_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A running microVM. Dropping it kills the VMM and removes its state.
@@ -99,6 +184,13 @@ impl Sandbox {
         if !config.extra_cmdline.is_empty() {
             command.args(["--cmdline", &config.extra_cmdline]);
         }
+        let binds = match prepare_share(config, &dir, &mut command) {
+            Ok(binds) => binds,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -113,6 +205,13 @@ impl Sandbox {
                 }
                 Ok(())
             });
+        }
+        if !binds.is_empty() {
+            // SAFETY: unshare and mount are async-signal-safe syscalls; the
+            // C strings they read were built before fork and live in `binds`.
+            unsafe {
+                command.pre_exec(move || bind_in_own_namespace(&binds));
+            }
         }
         let vmm = match command.spawn() {
             Ok(child) => child,

@@ -1,28 +1,61 @@
-//! `microvm`: run a command in a throwaway microVM.
+//! `microvm`: run a command in a container in a throwaway microVM.
 //!
 //! ```text
 //! microvm run [--cpus N] [--memory MIB] [--kernel PATH] [--initrd PATH]
-//!             [--console FILE|-] [--kernel-cmdline EXTRA] -- CMD [ARGS...]
+//!             [--console FILE|-] [--kernel-cmdline EXTRA]
+//!             [--rootfs DIR] [-e KEY=VALUE]... [-w DIR] [-u UID[:GID]] [-t]
+//!             [--read-only] [--hostname NAME] [--guest] -- CMD [ARGS...]
+//! microvm run [VM options] --bundle DIR
 //! ```
-//! Starts a VM, runs CMD in it with this terminal's or pipe's stdin, streams
-//! its output, forwards SIGINT/SIGTERM/SIGHUP/SIGQUIT to it, and exits with
-//! its exit code (128+N when signal N killed it, 127 when it could not be
-//! run). The VM is gone when `microvm` returns, whichever way it ends.
+//! Starts a VM, runs CMD in a container (on the default busybox rootfs, or
+//! `--rootfs`) with this terminal's or pipe's stdin, streams its output,
+//! forwards SIGINT/SIGTERM/SIGHUP/SIGQUIT to it, and exits with its exit
+//! code (128+N when signal N killed it, 127 when it could not be run). The
+//! VM is gone when `microvm` returns, whichever way it ends. `--guest` runs
+//! CMD directly in the guest (its initramfs), without a container.
+//! `--bundle DIR` runs an OCI bundle as `runc run` would: DIR/config.json
+//! decides everything, its rootfs is shared into the VM.
+//! `--agent-socket PATH` drives an agent already serving on a Unix socket
+//! instead of booting a VM (for working on the agent itself).
 
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use runtime::config::SandboxConfig;
-use runtime::guest_command::{self, GuestCommand};
-use runtime::sandbox::Sandbox;
+use runtime::config::{SandboxConfig, SharedBind};
+use runtime::guest_command::{self, ContainerLaunch, GuestCommand, Launch, Outcome};
+use runtime::oci::{self, ContainerOptions};
+use runtime::sandbox::{Sandbox, SHARED_FS_TAG};
 
 const USAGE: &str = "usage: microvm run [--cpus N] [--memory MIB] [--kernel PATH] [--initrd PATH] \
-[--console FILE|-] [--kernel-cmdline EXTRA] -- CMD [ARGS...]";
+[--console FILE|-] [--kernel-cmdline EXTRA] [--rootfs DIR] [-e KEY=VALUE]... [-w DIR] \
+[-u UID[:GID]] [-t] [--read-only] [--hostname NAME] [--guest] -- CMD [ARGS...]
+       microvm run [VM options] --bundle DIR";
 
 struct RunOptions {
     config: SandboxConfig,
-    argv: Vec<String>,
+    container: ContainerOptions,
+    rootfs: Option<PathBuf>,
+    /// An OCI bundle: its config.json replaces every container option.
+    bundle: Option<PathBuf>,
+    /// Run in the guest itself, not in a container.
+    guest: bool,
+    agent_socket: Option<PathBuf>,
+}
+
+fn parse_user(value: &str) -> Result<(u32, u32)> {
+    let (uid, gid) = value.split_once(':').unwrap_or((value, ""));
+    let uid = uid
+        .parse()
+        .with_context(|| format!("-u {value}: give a numeric UID[:GID]"))?;
+    let gid = if gid.is_empty() {
+        uid
+    } else {
+        gid.parse()
+            .with_context(|| format!("-u {value}: give a numeric UID[:GID]"))?
+    };
+    Ok((uid, gid))
 }
 
 fn parse_run(args: &[String]) -> Result<RunOptions> {
@@ -32,7 +65,14 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
     let mut memory = None;
     let mut console = None;
     let mut extra_cmdline = String::new();
-    let mut argv = Vec::new();
+    let mut container = ContainerOptions {
+        hostname: "microvm".into(),
+        ..Default::default()
+    };
+    let mut rootfs = None;
+    let mut bundle = None;
+    let mut guest = false;
+    let mut agent_socket = None;
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let mut value = || {
@@ -46,12 +86,34 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
             "--memory" => memory = Some(value()?.parse().context("--memory takes MiB")?),
             "--console" => console = Some(PathBuf::from(value()?)),
             "--kernel-cmdline" => extra_cmdline = value()?.clone(),
+            "--rootfs" => rootfs = Some(PathBuf::from(value()?)),
+            "--bundle" => bundle = Some(PathBuf::from(value()?)),
+            "-e" | "--env" => {
+                let entry = value()?;
+                if !entry.contains('=') {
+                    bail!("-e {entry}: give KEY=VALUE");
+                }
+                container.env.push(entry.clone());
+            }
+            "-w" | "--workdir" => {
+                let dir = value()?;
+                if !dir.starts_with('/') {
+                    bail!("-w {dir}: the working directory must be absolute");
+                }
+                container.cwd = Some(dir.clone());
+            }
+            "-u" | "--user" => (container.uid, container.gid) = parse_user(value()?)?,
+            "-t" | "--tty" => container.terminal = true,
+            "--read-only" => container.read_only = true,
+            "--hostname" => container.hostname = value()?.clone(),
+            "--guest" => guest = true,
+            "--agent-socket" => agent_socket = Some(PathBuf::from(value()?)),
             "--" => {
-                argv = iter.cloned().collect();
+                container.args = iter.cloned().collect();
                 break;
             }
             other if !other.starts_with('-') => {
-                argv = std::iter::once(other.to_string())
+                container.args = std::iter::once(other.to_string())
                     .chain(iter.cloned())
                     .collect();
                 break;
@@ -59,8 +121,18 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
             other => bail!("unknown option {other}\n{USAGE}"),
         }
     }
-    if argv.is_empty() {
+    if container.args.is_empty() && bundle.is_none() {
         bail!("no command given\n{USAGE}");
+    }
+    if bundle.is_some() && (rootfs.is_some() || guest || !container.args.is_empty()) {
+        bail!(
+            "--bundle takes everything from DIR/config.json: give no command, --rootfs or --guest"
+        );
+    }
+    if let Some(rootfs) = &rootfs {
+        if !rootfs.is_dir() {
+            bail!("--rootfs {}: no such directory", rootfs.display());
+        }
     }
     let mut config = SandboxConfig::with_defaults(kernel, initrd)?;
     if let Some(cpus) = cpus {
@@ -77,27 +149,109 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
         }
     });
     config.extra_cmdline = extra_cmdline;
-    Ok(RunOptions { config, argv })
+    Ok(RunOptions {
+        config,
+        container,
+        rootfs,
+        bundle,
+        guest,
+        agent_socket,
+    })
 }
 
-fn run(options: RunOptions) -> Result<u8> {
-    let mut sandbox = Sandbox::start(&options.config)?;
-    let stream = sandbox.connect_agent(options.config.agent_timeout)?;
-    let command = GuestCommand {
-        argv: options.argv,
-        env: vec![(
-            "PATH".into(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-        )],
-        cwd: "/".into(),
+/// An OCI bundle's spec and the host path of its rootfs.
+fn load_bundle(dir: &std::path::Path) -> Result<(oci_spec::runtime::Spec, PathBuf)> {
+    let config = dir.join("config.json");
+    let text = std::fs::read_to_string(&config)
+        .with_context(|| format!("reading {}", config.display()))?;
+    let spec: oci_spec::runtime::Spec = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid OCI runtime spec", config.display()))?;
+    let root = spec
+        .root()
+        .as_ref()
+        .with_context(|| format!("{} has no root", config.display()))?;
+    let rootfs = dir.join(root.path());
+    if !rootfs.is_dir() {
+        bail!(
+            "the bundle's rootfs {} is not a directory",
+            rootfs.display()
+        );
+    }
+    Ok((spec, rootfs))
+}
+
+/// What to run: a guest command, or a container on `rootfs` whose bundle is
+/// `bundle` in the share (or, with an agent on a socket, at host paths).
+fn launch(options: &RunOptions, rootfs: Option<&PathBuf>) -> Result<Launch> {
+    if options.guest {
+        return Ok(Launch::Guest(GuestCommand {
+            argv: options.container.args.clone(),
+            env: vec![(
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            )],
+            cwd: "/".into(),
+        }));
+    }
+    let id = format!("run-{}", std::process::id());
+    let (root, bundle, tag) = match rootfs {
+        // An agent on this machine sees the rootfs where it is.
+        Some(path) => (path.display().to_string(), "/".to_string(), String::new()),
+        None => ("rootfs".into(), id.clone(), SHARED_FS_TAG.to_string()),
     };
-    let outcome = guest_command::run(stream, &command, &mut sandbox);
-    let code = match outcome {
-        Ok(guest_command::Outcome::Exited(status)) => status,
-        Ok(guest_command::Outcome::CannotRun { code, message }) => {
+    let spec = match &options.bundle {
+        Some(dir) => {
+            let (mut spec, _) = load_bundle(dir)?;
+            let mut spec_root = spec.root().clone().unwrap_or_default();
+            spec_root.set_path(root.into());
+            spec.set_root(Some(spec_root));
+            spec
+        }
+        None => oci::container_spec(&options.container, &root),
+    };
+    Ok(Launch::Container(Box::new(ContainerLaunch {
+        spec,
+        id,
+        bundle,
+        shared_fs_tag: tag,
+    })))
+}
+
+fn report(outcome: Outcome) -> u8 {
+    match outcome {
+        Outcome::Exited(status) => status,
+        Outcome::CannotRun { code, message } => {
             eprintln!("microvm: {message}");
             code
         }
+    }
+}
+
+fn run(mut options: RunOptions) -> Result<u8> {
+    let rootfs = match (&options.rootfs, options.guest, &options.bundle) {
+        (_, true, _) => None,
+        (_, _, Some(dir)) => Some(load_bundle(dir)?.1),
+        (Some(rootfs), false, None) => Some(rootfs.clone()),
+        (None, false, None) => Some(runtime::config::default_rootfs()?),
+    };
+    if let Some(socket) = &options.agent_socket {
+        let stream = UnixStream::connect(socket)
+            .with_context(|| format!("connecting to the agent at {}", socket.display()))?;
+        let launch = launch(&options, rootfs.as_ref())?;
+        return Ok(report(guest_command::run_on_agent(stream, &launch)?));
+    }
+    let launch = launch(&options, None)?;
+    if let (Some(rootfs), Launch::Container(container)) = (&rootfs, &launch) {
+        options.config.shared_binds.push(SharedBind {
+            source: rootfs.clone(),
+            target: PathBuf::from(&container.bundle).join("rootfs"),
+        });
+    }
+    let mut sandbox = Sandbox::start(&options.config)?;
+    let stream = sandbox.connect_agent(options.config.agent_timeout)?;
+    let outcome = guest_command::run(stream, &launch, &mut sandbox);
+    let code = match outcome {
+        Ok(outcome) => report(outcome),
         Err(e) => {
             // The VM's death explains a broken agent connection best.
             match sandbox.death_within(std::time::Duration::from_secs(2)) {
