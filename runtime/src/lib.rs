@@ -3,6 +3,7 @@
 //! the configuration.
 
 pub mod config;
+pub mod ctl;
 pub mod guest_command;
 pub mod hybrid_vsock;
 pub mod oci;

@@ -44,6 +44,54 @@ struct RunOptions {
     agent_socket: Option<PathBuf>,
 }
 
+/// The VM options `run` and `ctl` share.
+#[derive(Default)]
+struct VmFlags {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cpus: Option<u8>,
+    memory: Option<u32>,
+    console: Option<PathBuf>,
+    extra_cmdline: String,
+}
+
+impl VmFlags {
+    /// Takes `flag` (reading its value with `value`) if it is a VM option.
+    fn take(&mut self, flag: &str, value: impl FnOnce() -> Result<String>) -> Result<bool> {
+        match flag {
+            "--kernel" => self.kernel = Some(PathBuf::from(value()?)),
+            "--initrd" => self.initrd = Some(PathBuf::from(value()?)),
+            "--cpus" => {
+                self.cpus = Some(value()?.parse().context("--cpus takes a number of vCPUs")?)
+            }
+            "--memory" => self.memory = Some(value()?.parse().context("--memory takes MiB")?),
+            "--console" => self.console = Some(PathBuf::from(value()?)),
+            "--kernel-cmdline" => self.extra_cmdline = value()?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn into_config(self) -> Result<SandboxConfig> {
+        let mut config = SandboxConfig::with_defaults(self.kernel, self.initrd)?;
+        if let Some(cpus) = self.cpus {
+            config.cpus = cpus;
+        }
+        if let Some(memory) = self.memory {
+            config.memory_mib = memory;
+        }
+        config.console = self.console.map(|path| {
+            if path.as_os_str() == "-" {
+                PathBuf::from("stdout")
+            } else {
+                path
+            }
+        });
+        config.extra_cmdline = self.extra_cmdline;
+        Ok(config)
+    }
+}
+
 fn parse_user(value: &str) -> Result<(u32, u32)> {
     let (uid, gid) = value.split_once(':').unwrap_or((value, ""));
     let uid = uid
@@ -59,12 +107,7 @@ fn parse_user(value: &str) -> Result<(u32, u32)> {
 }
 
 fn parse_run(args: &[String]) -> Result<RunOptions> {
-    let mut kernel = None;
-    let mut initrd = None;
-    let mut cpus = None;
-    let mut memory = None;
-    let mut console = None;
-    let mut extra_cmdline = String::new();
+    let mut vm = VmFlags::default();
     let mut container = ContainerOptions {
         hostname: "microvm".into(),
         ..Default::default()
@@ -77,15 +120,13 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
     while let Some(arg) = iter.next() {
         let mut value = || {
             iter.next()
+                .cloned()
                 .with_context(|| format!("{arg} needs a value\n{USAGE}"))
         };
+        if vm.take(arg, &mut value)? {
+            continue;
+        }
         match arg.as_str() {
-            "--kernel" => kernel = Some(PathBuf::from(value()?)),
-            "--initrd" => initrd = Some(PathBuf::from(value()?)),
-            "--cpus" => cpus = Some(value()?.parse().context("--cpus takes a number of vCPUs")?),
-            "--memory" => memory = Some(value()?.parse().context("--memory takes MiB")?),
-            "--console" => console = Some(PathBuf::from(value()?)),
-            "--kernel-cmdline" => extra_cmdline = value()?.clone(),
             "--rootfs" => rootfs = Some(PathBuf::from(value()?)),
             "--bundle" => bundle = Some(PathBuf::from(value()?)),
             "-e" | "--env" => {
@@ -102,7 +143,7 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
                 }
                 container.cwd = Some(dir.clone());
             }
-            "-u" | "--user" => (container.uid, container.gid) = parse_user(value()?)?,
+            "-u" | "--user" => (container.uid, container.gid) = parse_user(&value()?)?,
             "-t" | "--tty" => container.terminal = true,
             "--read-only" => container.read_only = true,
             "--hostname" => container.hostname = value()?.clone(),
@@ -134,23 +175,8 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
             bail!("--rootfs {}: no such directory", rootfs.display());
         }
     }
-    let mut config = SandboxConfig::with_defaults(kernel, initrd)?;
-    if let Some(cpus) = cpus {
-        config.cpus = cpus;
-    }
-    if let Some(memory) = memory {
-        config.memory_mib = memory;
-    }
-    config.console = console.map(|path| {
-        if path.as_os_str() == "-" {
-            PathBuf::from("stdout")
-        } else {
-            path
-        }
-    });
-    config.extra_cmdline = extra_cmdline;
     Ok(RunOptions {
-        config,
+        config: vm.into_config()?,
         container,
         rootfs,
         bundle,
@@ -264,6 +290,62 @@ fn run(mut options: RunOptions) -> Result<u8> {
     Ok(code)
 }
 
+const CTL_USAGE: &str =
+    "usage: microvm ctl [--cpus N] [--memory MIB] [--kernel PATH] [--initrd PATH] \
+[--console FILE|-] [--container ID[=ROOTFS]]... < SCRIPT   (commands: see runtime/src/ctl.rs)";
+
+/// `microvm ctl`: one VM with the named containers' rootfs shared, driven
+/// by the script on stdin.
+fn ctl(args: &[String]) -> Result<u8> {
+    let mut vm = VmFlags::default();
+    let mut binds = Vec::new();
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let mut value = || {
+            iter.next()
+                .cloned()
+                .with_context(|| format!("{arg} needs a value\n{CTL_USAGE}"))
+        };
+        if vm.take(arg, &mut value)? {
+            continue;
+        }
+        match arg.as_str() {
+            "--container" => {
+                let spec = value()?;
+                let (id, rootfs) = match spec.split_once('=') {
+                    Some((id, rootfs)) => (id.to_string(), PathBuf::from(rootfs)),
+                    None => (spec.clone(), runtime::config::default_rootfs()?),
+                };
+                if !rootfs.is_dir() {
+                    bail!(
+                        "--container {spec}: {} is not a directory",
+                        rootfs.display()
+                    );
+                }
+                binds.push(SharedBind {
+                    source: rootfs,
+                    target: PathBuf::from(id).join("rootfs"),
+                });
+            }
+            other => bail!("unknown option {other}\n{CTL_USAGE}"),
+        }
+    }
+    let mut config = vm.into_config()?;
+    config.shared_binds = binds;
+    let mut sandbox = Sandbox::start(&config)?;
+    let stream = sandbox.connect_agent(config.agent_timeout)?;
+    let client = protocols::agent_ttrpc::AgentServiceClient::new(
+        protocols::client_from_stream(stream)
+            .map_err(|e| anyhow::anyhow!("agent connection: {e}"))?,
+    );
+    let mut ctl = runtime::ctl::Ctl::new(client);
+    ctl.create_sandbox(SHARED_FS_TAG)?;
+    let result = ctl.run_script(std::io::stdin().lock(), &mut std::io::stdout().lock());
+    ctl.shutdown();
+    sandbox.stop(std::time::Duration::from_secs(5));
+    result.map(|()| 0)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -275,6 +357,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("run") => parse_run(&args[1..]).and_then(run),
+        Some("ctl") => ctl(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(0)
