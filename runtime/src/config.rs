@@ -41,6 +41,10 @@ pub struct SharedBind {
     pub source: PathBuf,
     /// Relative path inside the shared directory.
     pub target: PathBuf,
+    /// Show `source` read-only under a writable overlay (upper layer on a
+    /// tmpfs of the VMM's): for rootfs that others share, such as cached
+    /// images and the default rootfs, which a container must not change.
+    pub copy_on_write: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

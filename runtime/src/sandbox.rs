@@ -46,17 +46,35 @@ pub const SHARED_FS_TAG: &str = "microvm";
 /// The shared directory inside the state directory, when the config names none.
 const SHARED_DIR: &str = "shared";
 
-/// (source, target) of a bind, as C strings ready for mount(2).
-type Binds = Vec<(std::ffi::CString, std::ffi::CString)>;
+/// Where the overlays' upper layers live, inside the state directory (a
+/// tmpfs of the VMM's mount namespace).
+const LAYERS_DIR: &str = "layers";
 
-/// Adds the virtio-fs share to the VMM's arguments and creates the mount
-/// points of its binds.
+/// One mount(2) to make in the VMM's namespace, as C strings built before fork.
+struct PreparedMount {
+    source: std::ffi::CString,
+    target: std::ffi::CString,
+    fstype: Option<std::ffi::CString>,
+    flags: libc::c_ulong,
+    data: Option<std::ffi::CString>,
+    /// Directories to create first (an overlay's upper and work dirs).
+    dirs: Vec<std::ffi::CString>,
+}
+
+type Binds = Vec<PreparedMount>;
+
+fn c_path(path: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).expect("paths have no NUL byte")
+}
+
+/// Adds the virtio-fs share to the VMM's arguments, creates the mount
+/// points of its binds and prepares the mounts.
 fn prepare_share(
     config: &SandboxConfig,
     dir: &Path,
     command: &mut Command,
 ) -> Result<Binds, SandboxError> {
-    use std::os::unix::ffi::OsStrExt;
     let shared = match (&config.shared_dir, config.shared_binds.is_empty()) {
         (Some(shared), _) => shared.clone(),
         (None, false) => dir.join(SHARED_DIR),
@@ -67,8 +85,20 @@ fn prepare_share(
         move |source| SandboxError::StateDir { path, source }
     };
     std::fs::create_dir_all(&shared).map_err(state_error(&shared))?;
-    let mut binds = Vec::new();
-    for bind in &config.shared_binds {
+    let layers = dir.join(LAYERS_DIR);
+    let mut mounts = Vec::new();
+    if config.shared_binds.iter().any(|b| b.copy_on_write) {
+        std::fs::create_dir_all(&layers).map_err(state_error(&layers))?;
+        mounts.push(PreparedMount {
+            source: c"tmpfs".into(),
+            target: c_path(&layers),
+            fstype: Some(c"tmpfs".into()),
+            flags: 0,
+            data: Some(c"mode=0700".into()),
+            dirs: Vec::new(),
+        });
+    }
+    for (index, bind) in config.shared_binds.iter().enumerate() {
         let meta = std::fs::metadata(&bind.source).map_err(|_| SandboxError::MissingFile {
             what: "shared path",
             path: bind.source.clone(),
@@ -82,45 +112,78 @@ fn prepare_share(
             }
             std::fs::write(&target, b"").map_err(state_error(&target))?;
         }
-        let c =
-            |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("paths have no NUL");
-        binds.push((c(&bind.source), c(&target)));
+        if bind.copy_on_write {
+            let lower = bind.source.display().to_string();
+            if !meta.is_dir() || lower.contains([',', ':']) {
+                return Err(SandboxError::VmmFailed(format!(
+                    "cannot layer over {lower}: it must be a directory whose path has no ',' or ':'"
+                )));
+            }
+            let upper = layers.join(format!("{index}-upper"));
+            let work = layers.join(format!("{index}-work"));
+            let data = format!(
+                "lowerdir={lower},upperdir={},workdir={}",
+                upper.display(),
+                work.display()
+            );
+            mounts.push(PreparedMount {
+                source: c"overlay".into(),
+                target: c_path(&target),
+                fstype: Some(c"overlay".into()),
+                flags: 0,
+                data: Some(std::ffi::CString::new(data).expect("paths have no NUL byte")),
+                dirs: vec![c_path(&upper), c_path(&work)],
+            });
+        } else {
+            mounts.push(PreparedMount {
+                source: c_path(&bind.source),
+                target: c_path(&target),
+                fstype: None,
+                flags: libc::MS_BIND | libc::MS_REC,
+                data: None,
+                dirs: Vec::new(),
+            });
+        }
     }
     let mut fs_arg = std::ffi::OsString::from(format!("{SHARED_FS_TAG}="));
     fs_arg.push(&shared);
     command.arg("--fs").arg(fs_arg);
-    Ok(binds)
+    Ok(mounts)
 }
 
 /// In the forked VMM, before exec: a mount namespace of its own (a slave of
-/// ours) holding the binds, so they disappear with the VMM.
-fn bind_in_own_namespace(binds: &Binds) -> std::io::Result<()> {
-    // SAFETY (of the calls below): plain syscalls on C strings that outlive them.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(std::io::Error::last_os_error());
+/// ours) holding the shared mounts, so they disappear with the VMM.
+fn bind_in_own_namespace(mounts: &Binds) -> std::io::Result<()> {
+    let check = |rc: libc::c_int| {
+        if rc != 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
         }
-        if libc::mount(
+    };
+    let ptr = |s: &Option<std::ffi::CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY (of the calls below): plain syscalls on C strings built before
+    // fork, which outlive them.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
             std::ptr::null(),
             c"/".as_ptr(),
             std::ptr::null(),
             libc::MS_REC | libc::MS_SLAVE,
             std::ptr::null(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        for (source, target) in binds {
-            if libc::mount(
-                source.as_ptr(),
-                target.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND | libc::MS_REC,
-                std::ptr::null(),
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
+        ))?;
+        for mount in mounts {
+            for dir in &mount.dirs {
+                check(libc::mkdir(dir.as_ptr(), 0o700))?;
             }
+            check(libc::mount(
+                mount.source.as_ptr(),
+                mount.target.as_ptr(),
+                ptr(&mount.fstype),
+                mount.flags,
+                ptr(&mount.data).cast(),
+            ))?;
         }
     }
     Ok(())

@@ -3,7 +3,7 @@
 //! ```text
 //! microvm-vmm --kernel VMLINUX [--initrd FILE] [--cpus N] [--memory MIB]
 //!             [--cmdline EXTRA] [--console off|stdout|FILE]
-//!             [--vsock-uds PATH [--guest-cid CID]]
+//!             [--vsock-uds PATH [--guest-cid CID]] [--fs TAG=HOSTDIR]...
 //! ```
 //! Exits 0 when the guest resets or powers off, 1 on any error (printed on
 //! stderr as one line naming what was wrong).
@@ -18,7 +18,8 @@ use vmm::{Console, VmConfig, VsockConfig};
 
 const USAGE: &str =
     "usage: microvm-vmm --kernel VMLINUX [--initrd FILE] [--cpus N] [--memory MIB] \
-[--cmdline EXTRA] [--console off|stdout|FILE] [--vsock-uds PATH [--guest-cid CID]]";
+[--cmdline EXTRA] [--console off|stdout|FILE] [--vsock-uds PATH [--guest-cid CID]] \
+[--fs TAG=HOSTDIR]...";
 
 fn parse(args: &[String]) -> Result<VmConfig> {
     let mut kernel = None;
@@ -30,6 +31,7 @@ fn parse(args: &[String]) -> Result<VmConfig> {
         extra_cmdline: String::new(),
         console: Console::Off,
         vsock: None,
+        fs: Vec::new(),
     };
     let mut vsock_path = None;
     let mut guest_cid = 3;
@@ -53,6 +55,21 @@ fn parse(args: &[String]) -> Result<VmConfig> {
                 }
             }
             "--vsock-uds" => vsock_path = Some(PathBuf::from(value()?)),
+            "--fs" => {
+                let value = value()?;
+                let (tag, dir) = value
+                    .split_once('=')
+                    .with_context(|| format!("--fs {value}: give TAG=HOSTDIR"))?;
+                if !std::path::Path::new(dir).is_dir() {
+                    bail!(
+                        "--fs {value}: shared directory {dir} does not exist or is not a directory"
+                    );
+                }
+                config.fs.push(vmm::FsConfig {
+                    tag: tag.to_string(),
+                    dir: PathBuf::from(dir),
+                });
+            }
             "--guest-cid" => guest_cid = value()?.parse().context("--guest-cid takes a number")?,
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }

@@ -17,6 +17,7 @@ use crate::boot::{self, BootError};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialConsole;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
@@ -45,6 +46,14 @@ pub struct VmConfig {
     pub console: Console,
     /// Hybrid vsock: the host Unix socket bridged to the guest's vsock.
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs shares: host directories the guest mounts by tag.
+    pub fs: Vec<FsConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    pub tag: String,
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -261,6 +270,17 @@ impl Vm {
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
             virtio_slot += 1;
             vsock_path = Some(vsock.uds_path.clone());
+        }
+        for share in &config.fs {
+            let device = Fs::new(&share.tag, &share.dir).map_err(|e| VmError::Device {
+                what: "the virtio-fs device",
+                source: Box::new(e),
+            })?;
+            // Its own thread serves it; it needs nothing from the event loop.
+            let device = Arc::new(Mutex::new(device));
+            let (base, irq) = attach_virtio(&vm, &memory, &mut mmio, device, virtio_slot)?;
+            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+            virtio_slot += 1;
         }
         let _ = virtio_slot;
 

@@ -3,12 +3,14 @@
 //! ```text
 //! microvm run [--cpus N] [--memory MIB] [--kernel PATH] [--initrd PATH]
 //!             [--console FILE|-] [--kernel-cmdline EXTRA]
-//!             [--rootfs DIR] [-e KEY=VALUE]... [-w DIR] [-u UID[:GID]] [-t]
+//!             [--rootfs DIR | --image PATH] [-e KEY=VALUE]... [-w DIR] [-u UID[:GID]] [-t]
 //!             [--read-only] [--hostname NAME] [--guest] -- CMD [ARGS...]
 //! microvm run [VM options] --bundle DIR
 //! ```
-//! Starts a VM, runs CMD in a container (on the default busybox rootfs, or
-//! `--rootfs`) with this terminal's or pipe's stdin, streams its output,
+//! Starts a VM, runs CMD in a container (on the default busybox rootfs,
+//! `--rootfs DIR`, or `--image` — an OCI layout, OCI archive or
+//! docker-archive, unpacked and cached, its Entrypoint/Cmd/Env/WorkingDir/
+//! User applied under the flags) with this terminal's or pipe's stdin, streams its output,
 //! forwards SIGINT/SIGTERM/SIGHUP/SIGQUIT to it, and exits with its exit
 //! code (128+N when signal N killed it, 127 when it could not be run). The
 //! VM is gone when `microvm` returns, whichever way it ends. `--guest` runs
@@ -29,7 +31,7 @@ use runtime::oci::{self, ContainerOptions};
 use runtime::sandbox::{Sandbox, SHARED_FS_TAG};
 
 const USAGE: &str = "usage: microvm run [--cpus N] [--memory MIB] [--kernel PATH] [--initrd PATH] \
-[--console FILE|-] [--kernel-cmdline EXTRA] [--rootfs DIR] [-e KEY=VALUE]... [-w DIR] \
+[--console FILE|-] [--kernel-cmdline EXTRA] [--rootfs DIR | --image PATH] [-e KEY=VALUE]... [-w DIR] \
 [-u UID[:GID]] [-t] [--read-only] [--hostname NAME] [--guest] -- CMD [ARGS...]
        microvm run [VM options] --bundle DIR";
 
@@ -37,6 +39,10 @@ struct RunOptions {
     config: SandboxConfig,
     container: ContainerOptions,
     rootfs: Option<PathBuf>,
+    /// An OCI image (layout directory, OCI archive or docker-archive).
+    image: Option<PathBuf>,
+    /// `-u` as given: UID[:GID] or a user name of the rootfs.
+    user: Option<String>,
     /// An OCI bundle: its config.json replaces every container option.
     bundle: Option<PathBuf>,
     /// Run in the guest itself, not in a container.
@@ -92,6 +98,17 @@ impl VmFlags {
     }
 }
 
+/// `-u` against the rootfs: numeric UID[:GID], or a name from its /etc/passwd.
+fn resolve_user(rootfs: Option<&PathBuf>, value: &str) -> Result<(u32, u32, Vec<u32>)> {
+    if let Ok((uid, gid)) = parse_user(value) {
+        return Ok((uid, gid, Vec::new()));
+    }
+    let rootfs = rootfs.with_context(|| format!("-u {value}: give a numeric UID[:GID]"))?;
+    let user = rootfs_builder::image::resolve_user(rootfs, value)
+        .with_context(|| format!("-u {value}"))?;
+    Ok((user.uid, user.gid, user.additional_gids))
+}
+
 fn parse_user(value: &str) -> Result<(u32, u32)> {
     let (uid, gid) = value.split_once(':').unwrap_or((value, ""));
     let uid = uid
@@ -113,6 +130,8 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
         ..Default::default()
     };
     let mut rootfs = None;
+    let mut image = None;
+    let mut user = None;
     let mut bundle = None;
     let mut guest = false;
     let mut agent_socket = None;
@@ -128,6 +147,7 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
         }
         match arg.as_str() {
             "--rootfs" => rootfs = Some(PathBuf::from(value()?)),
+            "--image" => image = Some(PathBuf::from(value()?)),
             "--bundle" => bundle = Some(PathBuf::from(value()?)),
             "-e" | "--env" => {
                 let entry = value()?;
@@ -143,7 +163,7 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
                 }
                 container.cwd = Some(dir.clone());
             }
-            "-u" | "--user" => (container.uid, container.gid) = parse_user(&value()?)?,
+            "-u" | "--user" => user = Some(value()?),
             "-t" | "--tty" => container.terminal = true,
             "--read-only" => container.read_only = true,
             "--hostname" => container.hostname = value()?.clone(),
@@ -179,6 +199,8 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
         config: vm.into_config()?,
         container,
         rootfs,
+        image,
+        user,
         bundle,
         guest,
         agent_socket,
@@ -253,13 +275,55 @@ fn report(outcome: Outcome) -> u8 {
     }
 }
 
-fn run(mut options: RunOptions) -> Result<u8> {
-    let rootfs = match (&options.rootfs, options.guest, &options.bundle) {
-        (_, true, _) => None,
-        (_, _, Some(dir)) => Some(load_bundle(dir)?.1),
-        (Some(rootfs), false, None) => Some(rootfs.clone()),
-        (None, false, None) => Some(runtime::config::default_rootfs()?),
+/// The image's rootfs (unpacked and cached), with its config applied to
+/// the container options under the user's flags, as `docker run` does.
+fn apply_image(options: &mut RunOptions, image: &std::path::Path) -> Result<PathBuf> {
+    use rootfs_builder::image::{prepare, Overrides};
+    let prepared = prepare(image, None, None)
+        .with_context(|| format!("preparing image {}", image.display()))?;
+    let overrides = Overrides {
+        args: options.container.args.clone(),
+        env: options.container.env.clone(),
+        working_dir: options.container.cwd.clone(),
+        user: options.user.clone(),
+        ..Default::default()
     };
+    let process = prepared
+        .config
+        .process(&overrides)
+        .with_context(|| format!("image {}", image.display()))?;
+    if process.args.is_empty() {
+        bail!(
+            "image {} sets no Entrypoint or Cmd: give a command",
+            image.display()
+        );
+    }
+    options.container.args = process.args;
+    options.container.env = process.env;
+    options.container.cwd = Some(process.cwd);
+    options.user = (!process.user.is_empty()).then_some(process.user);
+    Ok(prepared.rootfs)
+}
+
+fn run(mut options: RunOptions) -> Result<u8> {
+    // The rootfs, and whether it is shared with others (then the container
+    // writes to a layer over it).
+    let (rootfs, copy_on_write) = match (&options.rootfs, options.guest, &options.bundle) {
+        (_, true, _) => (None, false),
+        (_, _, Some(dir)) => (Some(load_bundle(dir)?.1), false),
+        (Some(rootfs), false, None) => (Some(rootfs.clone()), false),
+        (None, false, None) => match options.image.clone() {
+            Some(image) => (Some(apply_image(&mut options, &image)?), true),
+            None => (Some(runtime::config::default_rootfs()?), true),
+        },
+    };
+    if let Some(user) = &options.user {
+        (
+            options.container.uid,
+            options.container.gid,
+            options.container.additional_gids,
+        ) = resolve_user(rootfs.as_ref(), user)?;
+    }
     if let Some(socket) = &options.agent_socket {
         let stream = UnixStream::connect(socket)
             .with_context(|| format!("connecting to the agent at {}", socket.display()))?;
@@ -271,6 +335,7 @@ fn run(mut options: RunOptions) -> Result<u8> {
         options.config.shared_binds.push(SharedBind {
             source: rootfs.clone(),
             target: PathBuf::from(&container.bundle).join("rootfs"),
+            copy_on_write,
         });
     }
     let mut sandbox = Sandbox::start(&options.config)?;
@@ -325,6 +390,7 @@ fn ctl(args: &[String]) -> Result<u8> {
                 binds.push(SharedBind {
                     source: rootfs,
                     target: PathBuf::from(id).join("rootfs"),
+                    copy_on_write: true,
                 });
             }
             other => bail!("unknown option {other}\n{CTL_USAGE}"),

@@ -12,6 +12,7 @@
 //!   notifications never stop a vCPU thread in userspace, and the device raises
 //!   interrupts from the event loop without the transport.
 
+pub mod fs;
 pub mod mmio;
 pub mod vsock;
 
