@@ -12,6 +12,8 @@ packages=(
     linux-image-amd64 kmod qemu-system-x86 busybox-static
     # runc: the reference the container tests compare the agent with.
     runc
+    # umoci, skopeo: make the busybox test image (OCI layout and archives).
+    umoci skopeo
 )
 
 as_root() {
@@ -57,6 +59,24 @@ build_all() {
     echo "== guest initramfs (the agent as /init, busybox)"
     "$repo/target/debug/rootfs-builder" initramfs --init "$build_dir/microvm-agent" \
         --busybox /bin/busybox --out "$build_dir/microvm-initramfs.cpio" >/dev/null
+
+    # The default container rootfs and the busybox test image, rebuilt only
+    # when busybox or their recipe changed (umoci stamps times, so each
+    # rebuild changes the image's digests).
+    local image_key
+    image_key=$(cat /bin/busybox "$repo/rootfs-builder/src/default_rootfs.rs" \
+        "$repo/rootfs-builder/make-test-image.sh" | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$build_dir/busybox-images.stamp" 2>/dev/null)" != "$image_key" ] \
+        || [ ! -d "$build_dir/busybox-rootfs" ] || [ ! -f "$build_dir/busybox-oci/index.json" ] \
+        || [ ! -f "$build_dir/busybox-oci.tar" ] || [ ! -f "$build_dir/busybox-docker.tar" ]; then
+        echo "== default container rootfs and busybox test image (build/busybox-rootfs, build/busybox-oci)"
+        rm -f "$build_dir/busybox-images.stamp"
+        "$repo/target/debug/rootfs-builder" busybox-rootfs --busybox /bin/busybox \
+            --out "$build_dir/busybox-rootfs" >/dev/null
+        "$repo/rootfs-builder/make-test-image.sh" "$build_dir/busybox-rootfs" \
+            "$build_dir/busybox-oci" "$build_dir/busybox-oci.tar" "$build_dir/busybox-docker.tar"
+        echo "$image_key" >"$build_dir/busybox-images.stamp"
+    fi
 }
 
 # True when /dev/kvm is hardware KVM (VMX/SVM); false when it is PVM or missing,
