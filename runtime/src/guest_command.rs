@@ -209,6 +209,10 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
     let stdout = pump_output(&client, &target, false);
     let stderr = (!terminal).then(|| pump_output(&client, &target, true));
 
+    if terminal {
+        // The size is there before the process's first instruction.
+        resize(&client, &target);
+    }
     if let Launch::Container(container) = launch {
         let started = client.start_container(
             no_timeout(),
@@ -220,7 +224,6 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
         if let Err(e) = started {
             let outcome = cannot_run(&e, &format!("starting {argv:?}"));
             remove_container(&client, &container.id);
-            let _ = client.shutdown(short_timeout(), &agent::ShutdownRequest::default());
             return outcome;
         }
     }

@@ -57,8 +57,9 @@ struct PreparedMount {
     fstype: Option<std::ffi::CString>,
     flags: libc::c_ulong,
     data: Option<std::ffi::CString>,
-    /// Directories to create first (an overlay's upper and work dirs).
-    dirs: Vec<std::ffi::CString>,
+    /// Directories to create first, with their modes (an overlay's upper
+    /// and work dirs).
+    dirs: Vec<(std::ffi::CString, libc::mode_t)>,
 }
 
 type Binds = Vec<PreparedMount>;
@@ -132,7 +133,14 @@ fn prepare_share(
                 fstype: Some(c"overlay".into()),
                 flags: 0,
                 data: Some(std::ffi::CString::new(data).expect("paths have no NUL byte")),
-                dirs: vec![c_path(&upper), c_path(&work)],
+                // The overlay's root takes the upper dir's mode: the lower's.
+                dirs: vec![
+                    (
+                        c_path(&upper),
+                        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
+                    ),
+                    (c_path(&work), 0o700),
+                ],
             });
         } else {
             mounts.push(PreparedMount {
@@ -174,8 +182,10 @@ fn bind_in_own_namespace(mounts: &Binds) -> std::io::Result<()> {
             std::ptr::null(),
         ))?;
         for mount in mounts {
-            for dir in &mount.dirs {
-                check(libc::mkdir(dir.as_ptr(), 0o700))?;
+            for (dir, mode) in &mount.dirs {
+                check(libc::mkdir(dir.as_ptr(), *mode))?;
+                // mkdir's mode passes through the umask; set it exactly.
+                check(libc::chmod(dir.as_ptr(), *mode))?;
             }
             check(libc::mount(
                 mount.source.as_ptr(),

@@ -38,9 +38,10 @@ impl BenchHost {
                 let config = Config::new(build_dir().join("testhost-init"));
                 let supervisor = Supervisor::boot(&config, &dir)?;
                 println!(
-                    "test host boot ({kvm:?} here): {:.2} s to commands (Debian {} under QEMU/TCG, -cpu max,+svm,+npt)",
+                    "test host boot ({kvm:?} here): {:.2} s to commands (Debian {} under QEMU/TCG, -cpu {})",
                     supervisor.boot_time.as_secs_f64(),
-                    supervisor.kernel_release
+                    supervisor.kernel_release,
+                    crate::testhost::TEST_HOST_CPU
                 );
                 let stop = Arc::new(AtomicBool::new(false));
                 let serving = {

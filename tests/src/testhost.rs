@@ -25,6 +25,19 @@ use rootfs_builder::cpio::Archive;
 
 use crate::wire::{Frame, Kind, SpawnRequest};
 
+/// The test host's CPU: AMD-V with nested paging.
+pub const TEST_HOST_CPU: &str = "max,+svm,+npt";
+
+/// How QEMU runs the test host's vCPUs: a thread per vCPU (MTTCG).
+pub const TEST_HOST_ACCEL: &str = "tcg,thread=multi,tb-size=512";
+
+/// The test host's vCPUs. One: with two, nested SVM under load sometimes
+/// broke the test host's kernel around inter-processor interrupts sent
+/// while a vCPU ran a guest (a reschedule IPI recursing right after VMRUN
+/// until the kernel stack overflowed, or soft lockups of both CPUs); and a
+/// single TCG thread for two vCPUs was several times slower.
+pub const TEST_HOST_CPUS: u32 = 1;
+
 /// Name of the virtio-serial port that carries commands.
 pub const PORT_NAME: &str = "microvm.testhost";
 /// 9p mount tag of the shared host root.
@@ -95,7 +108,7 @@ impl Config {
         Self {
             init,
             memory_mib: 6144,
-            cpus: 2,
+            cpus: TEST_HOST_CPUS,
             boot_timeout: Duration::from_secs(180),
             extra_cmdline: String::new(),
             system_root: PathBuf::from("/"),
@@ -331,8 +344,8 @@ impl Supervisor {
         );
         let mut command = Command::new(qemu_binary);
         command
-            .args(["-machine", "q35", "-accel", "tcg,thread=multi,tb-size=512"])
-            .args(["-cpu", "max,+svm,+npt"])
+            .args(["-machine", "q35", "-accel", TEST_HOST_ACCEL])
+            .args(["-cpu", TEST_HOST_CPU])
             .args(["-smp", &config.cpus.to_string(), "-m", &config.memory_mib.to_string()])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
             .arg("-kernel")

@@ -39,7 +39,7 @@ fn runc_and_microvm(spec: &Value) -> (String, String, Output) {
     let rootfs = artifact("busybox-rootfs").unwrap();
     let config = serde_json::to_string_pretty(spec).unwrap();
     let script = format!(
-        "set -u; export {AGENT_TIMEOUT}; b=$(mktemp -d); mkdir $b/rootfs; cp -a {rootfs}/. $b/rootfs/; \
+        "set -u; export {AGENT_TIMEOUT}; b=$(mktemp -d); chmod 755 $b; mkdir $b/rootfs; cp -a {rootfs}/. $b/rootfs/; \
          cat > $b/config.json <<'CONFIG_JSON'\n{config}\nCONFIG_JSON\n\
          echo '{RUNC_MARK}'; runc run -b $b runc-$$ 2>&1; echo rc=$?; runc delete -f runc-$$ >/dev/null 2>&1; \
          echo '{MICROVM_MARK}'; {microvm} run --bundle $b 2>&1; echo rc=$?; rm -rf $b",
@@ -58,11 +58,17 @@ fn runc_and_microvm(spec: &Value) -> (String, String, Output) {
 }
 
 /// Lines that belong to the kernel and its memory size, not the container.
+///
+/// It also drops the masks of /proc files the stripped guest kernel does not
+/// have (no ACPI, no /proc/kcore, no sysrq), which runc masks on the test
+/// host's stock kernel.
 fn without_kernel_identity(text: &str) -> String {
+    const ABSENT_IN_GUEST: [&str; 3] = ["/proc/acpi ", "/proc/kcore ", "/proc/sysrq-trigger "];
     text.lines()
         .filter(|line| {
             !line.starts_with("pending signals") && !line.starts_with("max user processes")
         })
+        .filter(|line| !ABSENT_IN_GUEST.iter().any(|path| line.starts_with(path)))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -98,12 +104,16 @@ fn a_user_with_groups_cwd_and_no_capabilities_matches_runc() {
     spec["process"]["cwd"] = json!("/tmp");
     spec["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 512, "soft": 256}]);
     let runc = assert_same(&spec);
-    assert!(runc.contains("uid=1000 gid=1000 groups=10,20"), "{runc}");
+    assert!(
+        runc.contains("uid=1000(user) gid=1000(user) groups=10,20"),
+        "{runc}"
+    );
 }
 
 #[test]
 fn a_seccomp_profile_matches_runc() {
-    let mut spec = base_spec("grep Seccomp /proc/self/status; mkdir /tmp/denied; echo mkdir=$?");
+    let mut spec =
+        base_spec("grep Seccomp /proc/self/status; mkdir /tmp/denied 2>&1; echo mkdir=$?");
     spec["linux"]["seccomp"] = json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]
@@ -146,7 +156,7 @@ fn the_memory_limit_ends_in_an_oom_kill_reported_as_such() {
     let (runc, microvm, _) = runc_and_microvm(&spec);
     assert!(runc.ends_with("rc=137"), "runc: {runc}");
     assert!(microvm.ends_with("rc=137"), "microvm: {microvm}");
-    assert!(!microvm.contains("survived"), "{microvm}");
+    assert!(!microvm.lines().any(|l| l == "survived"), "{microvm}");
     assert!(microvm.contains("out of memory"), "microvm: {microvm}");
 }
 
@@ -202,8 +212,8 @@ fn bad_specs_are_refused_with_a_clear_error() {
         let script = format!(
             "b=$(mktemp -d); mkdir $b/rootfs; cp -a {rootfs}/. $b/rootfs/; \
              cat > $b/config.json <<'CONFIG_JSON'\n{config}\nCONFIG_JSON\n\
-             {microvm} run --bundle $b; echo rc=$?; rm -rf $b; \
-             echo leftover-vmms=$(pgrep -c microvm-vmm)",
+             mkdir $b/state; TMPDIR=$b/state {microvm} run --bundle $b; echo rc=$?; \
+             echo leftover-vmms=$(pgrep -f -c \"microvm-vmm.*$b\") leftover-files=$(ls -A $b/state | wc -l); rm -rf $b",
             rootfs = rootfs.display(),
             microvm = microvm(),
         );
@@ -215,7 +225,10 @@ fn bad_specs_are_refused_with_a_clear_error() {
             "{config}: expected {expected:?} in: {stderr}"
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
-        assert!(stdout.contains("leftover-vmms=0"), "{stdout}");
+        assert!(
+            stdout.contains("leftover-vmms=0 leftover-files=0"),
+            "{stdout}"
+        );
     }
 }
 
@@ -276,23 +289,23 @@ fn ctl(containers: &[&str], script: &str) -> Output {
 fn two_containers_in_one_vm_have_their_own_pid_namespaces_and_share_the_share() {
     let out = ctl(
         &["one", "two"],
-        "create one -- sh -c 'echo $$ > /tmp/pid; sleep 30'\n\
+        "create one -- sleep 31\n\
          start one\n\
          create two -- sleep 30\n\
          start two\n\
-         exec one e1 -- sh -c 'echo one sees $(ls /proc | grep -c \"^[0-9]\") processes, boot $(cat /proc/sys/kernel/random/boot_id)'\n\
-         exec two e2 -- sh -c 'echo two sees $(ls /proc | grep -c \"^[0-9]\") processes, boot $(cat /proc/sys/kernel/random/boot_id)'\n\
+         exec one e1 -- sh -c 'echo one sees init $(tr \"\\\\0\" _ < /proc/1/cmdline) boot $(cat /proc/sys/kernel/random/boot_id)'\n\
+         exec two e2 -- sh -c 'echo two sees init $(tr \"\\\\0\" _ < /proc/1/cmdline) boot $(cat /proc/sys/kernel/random/boot_id)'\n\
          exec two e3 -- hostname\n\
          kill one 9\n\
          wait one\n\
-         kill two 15\n\
+         kill two 9\n\
          wait two\n\
          rm one\n\
          rm two",
     );
     let text = out.stdout_text();
     assert!(!text.contains("error:"), "{text} / {}", out.stderr_text());
-    // Each sees its init and the exec'd shell (+ ls): its own pid namespace.
+    // Each sees its own init as PID 1: its own pid namespace.
     let boot_id = |who: &str| {
         text.lines()
             .find(|l| l.starts_with(&format!("{who} sees")))
@@ -300,21 +313,16 @@ fn two_containers_in_one_vm_have_their_own_pid_namespaces_and_share_the_share() 
             .unwrap_or_default()
             .to_string()
     };
-    assert!(
-        text.contains("one sees 3 processes") || text.contains("one sees 2 processes"),
-        "{text}"
-    );
-    assert!(
-        text.contains("two sees 3 processes") || text.contains("two sees 2 processes"),
-        "{text}"
-    );
+    assert!(text.contains("one sees init sleep_31_"), "{text}");
+    assert!(text.contains("two sees init sleep_30_"), "{text}");
     assert_eq!(boot_id("one"), boot_id("two"), "one VM: {text}");
     assert!(
         text.contains("\ntwo\n"),
         "the exec ran in two's UTS namespace: {text}"
     );
-    assert!(text.contains("exit=137 oom=false"), "{text}");
-    assert!(text.contains("exit=143 oom=false"), "{text}");
+    // SIGKILL from outside ends each init (SIGTERM would be ignored: an
+    // init without a handler is shielded from it, as under runc).
+    assert_eq!(text.matches("exit=137 oom=false").count(), 2, "{text}");
 }
 
 #[test]
@@ -359,4 +367,55 @@ fn exec_pids_stats_pause_resume_and_update_on_a_running_container() {
         text.contains("error: no container \"c\""),
         "removed: {text}"
     );
+}
+
+#[test]
+fn images_run_with_their_config_in_every_format() {
+    let layout = artifact("busybox-oci").unwrap();
+    let oci_archive = artifact("busybox-oci.tar").unwrap();
+    let docker_archive = artifact("busybox-docker.tar").unwrap();
+    for image in [&layout, &oci_archive, &docker_archive] {
+        let script = format!(
+            "export {AGENT_TIMEOUT}; {m} run --image {image} -e EXTRA=1 -- sh -c 'echo $PATH $EXTRA; pwd; id -u'; echo rc=$?; \
+             echo 'echo from-cmd' | {m} run --image {image}; echo rc=$?",
+            m = microvm(),
+            image = image.display()
+        );
+        let out = host().run(&["sh", "-c", &script], b"", TIMEOUT).unwrap();
+        let text = out.stdout_text();
+        assert!(
+            text.starts_with(
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin 1\n/\n0\nrc=0\n"
+            ),
+            "{}: {text} / {}",
+            image.display(),
+            out.stderr_text()
+        );
+        // No command: the image's Cmd (/bin/sh) reads the script from stdin.
+        assert!(
+            text.ends_with("from-cmd\nrc=0\n"),
+            "{}: {text}",
+            image.display()
+        );
+    }
+}
+
+#[test]
+fn a_truncated_or_missing_image_is_refused_by_name() {
+    let archive = artifact("busybox-oci.tar").unwrap();
+    let script = format!(
+        "d=$(mktemp -d); head -c 300000 {archive} > $d/cut.tar; export TMPDIR=$d; \
+         {m} run --image $d/cut.tar -- true; echo rc=$?; \
+         {m} run --image $d/missing.tar -- true; echo rc=$?; \
+         echo leftover-vmms=$(pgrep -f -c \"microvm-vmm.*$d\"); rm -rf $d",
+        archive = archive.display(),
+        m = microvm()
+    );
+    let out = host().run(&["sh", "-c", &script], b"", TIMEOUT).unwrap();
+    let (stdout, stderr) = (out.stdout_text(), out.stderr_text());
+    assert_eq!(stdout.matches("rc=1").count(), 2, "{stdout} / {stderr}");
+    assert!(stderr.contains("cut.tar"), "{stderr}");
+    assert!(stderr.contains("missing.tar"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stdout.contains("leftover-vmms=0"), "{stdout}");
 }

@@ -271,6 +271,13 @@ impl Vm {
             virtio_slot += 1;
             vsock_path = Some(vsock.uds_path.clone());
         }
+        if !config.fs.is_empty() {
+            // The passthrough file system holds a descriptor per inode in use.
+            match crate::devices::virtio::fs::server::raise_fd_limit() {
+                Ok(limit) => tracing::debug!("virtio-fs: up to {limit} open files"),
+                Err(e) => tracing::warn!("virtio-fs: raising the open-file limit: {e}"),
+            }
+        }
         for share in &config.fs {
             let device = Fs::new(&share.tag, &share.dir).map_err(|e| VmError::Device {
                 what: "the virtio-fs device",

@@ -69,9 +69,14 @@ impl Channel {
     /// Only in a setup process, where fd 3 is the channel and nothing else owns it.
     pub unsafe fn inherited() -> Channel {
         // SAFETY: the caller guarantees fd 3 is our channel, owned by nobody else.
-        Channel {
-            fd: unsafe { OwnedFd::from_raw_fd(CHILD_FD) },
-        }
+        let fd = unsafe { OwnedFd::from_raw_fd(CHILD_FD) };
+        // The container process must not inherit it: its closing on exec is
+        // how the agent learns the exec happened.
+        let _ = nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+        Channel { fd }
     }
 
     pub fn raw_fd(&self) -> RawFd {

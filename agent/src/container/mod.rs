@@ -346,13 +346,19 @@ impl Containers {
         drop(theirs);
         ours.send(&ToChild::Setup(Box::new(config)))?;
         let mut pid = None;
+        let mut ready = false;
         loop {
             match ours.receive_with_fd::<FromChild>()? {
                 Some((FromChild::MapIds { pid }, _)) => {
                     map_ids(pid)?;
                     ours.send(&ToChild::IdsMapped)?;
                 }
-                Some((FromChild::Pid { pid: child }, _)) => pid = Some(child),
+                Some((FromChild::Pid { pid: child }, _)) => {
+                    pid = Some(child);
+                    if ready {
+                        break;
+                    }
+                }
                 Some((FromChild::Console, fd)) => {
                     let master = fd.ok_or_else(|| {
                         ContainerError::Setup("the console message carried no pty".into())
@@ -366,7 +372,14 @@ impl Containers {
                     })?);
                     stdio.tty = Some(master);
                 }
-                Some((FromChild::Ready, _)) => break,
+                // Stage 1 (Pid) and stage 2 (Ready) write independently:
+                // either may come first.
+                Some((FromChild::Ready, _)) => {
+                    ready = true;
+                    if pid.is_some() {
+                        break;
+                    }
+                }
                 Some((FromChild::Failed { message }, _)) => {
                     return Err(ContainerError::Setup(message))
                 }

@@ -4,7 +4,7 @@
 //! microvm run [--cpus N] [--memory MIB] [--kernel PATH] [--initrd PATH]
 //!             [--console FILE|-] [--kernel-cmdline EXTRA]
 //!             [--rootfs DIR | --image PATH] [-e KEY=VALUE]... [-w DIR] [-u UID[:GID]] [-t]
-//!             [--read-only] [--hostname NAME] [--guest] -- CMD [ARGS...]
+//!             [--read-only] [--hostname NAME] [--guest [--share HOSTDIR]] -- CMD [ARGS...]
 //! microvm run [VM options] --bundle DIR
 //! ```
 //! Starts a VM, runs CMD in a container (on the default busybox rootfs,
@@ -14,7 +14,8 @@
 //! forwards SIGINT/SIGTERM/SIGHUP/SIGQUIT to it, and exits with its exit
 //! code (128+N when signal N killed it, 127 when it could not be run). The
 //! VM is gone when `microvm` returns, whichever way it ends. `--guest` runs
-//! CMD directly in the guest (its initramfs), without a container.
+//! CMD directly in the guest (its initramfs), without a container;
+//! `--share HOSTDIR` then shows HOSTDIR to it over virtio-fs, tag `microvm`.
 //! `--bundle DIR` runs an OCI bundle as `runc run` would: DIR/config.json
 //! decides everything, its rootfs is shared into the VM.
 //! `--agent-socket PATH` drives an agent already serving on a Unix socket
@@ -32,7 +33,7 @@ use runtime::sandbox::{Sandbox, SHARED_FS_TAG};
 
 const USAGE: &str = "usage: microvm run [--cpus N] [--memory MIB] [--kernel PATH] [--initrd PATH] \
 [--console FILE|-] [--kernel-cmdline EXTRA] [--rootfs DIR | --image PATH] [-e KEY=VALUE]... [-w DIR] \
-[-u UID[:GID]] [-t] [--read-only] [--hostname NAME] [--guest] -- CMD [ARGS...]
+[-u UID[:GID]] [-t] [--read-only] [--hostname NAME] [--guest [--share HOSTDIR]] -- CMD [ARGS...]
        microvm run [VM options] --bundle DIR";
 
 struct RunOptions {
@@ -135,6 +136,7 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
     let mut bundle = None;
     let mut guest = false;
     let mut agent_socket = None;
+    let mut share = None;
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let mut value = || {
@@ -169,6 +171,7 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
             "--hostname" => container.hostname = value()?.clone(),
             "--guest" => guest = true,
             "--agent-socket" => agent_socket = Some(PathBuf::from(value()?)),
+            "--share" => share = Some(PathBuf::from(value()?)),
             "--" => {
                 container.args = iter.cloned().collect();
                 break;
@@ -182,21 +185,35 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
             other => bail!("unknown option {other}\n{USAGE}"),
         }
     }
-    if container.args.is_empty() && bundle.is_none() {
+    if container.args.is_empty() && bundle.is_none() && image.is_none() {
         bail!("no command given\n{USAGE}");
     }
-    if bundle.is_some() && (rootfs.is_some() || guest || !container.args.is_empty()) {
-        bail!(
-            "--bundle takes everything from DIR/config.json: give no command, --rootfs or --guest"
-        );
+    if bundle.is_some()
+        && (rootfs.is_some() || image.is_some() || guest || !container.args.is_empty())
+    {
+        bail!("--bundle takes everything from DIR/config.json: give no command, --rootfs, --image or --guest");
+    }
+    if rootfs.is_some() && image.is_some() {
+        bail!("give --rootfs or --image, not both");
     }
     if let Some(rootfs) = &rootfs {
         if !rootfs.is_dir() {
             bail!("--rootfs {}: no such directory", rootfs.display());
         }
     }
+    if let Some(share) = &share {
+        if !share.is_dir() {
+            bail!("--share {}: no such directory", share.display());
+        }
+        // Until the agent mounts it into containers, the share is the guest's.
+        if !guest {
+            bail!("--share needs --guest (mount it there: mount -t virtiofs {SHARED_FS_TAG} /mnt)");
+        }
+    }
+    let mut config = vm.into_config()?;
+    config.shared_dir = share;
     Ok(RunOptions {
-        config: vm.into_config()?,
+        config,
         container,
         rootfs,
         image,

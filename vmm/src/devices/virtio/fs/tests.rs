@@ -1,9 +1,313 @@
+//! The virtio-fs device driven the way the Linux driver drives it: FUSE
+//! requests in descriptor chains on mock virtqueues in real guest memory,
+//! the device activated by the book (its own event loop thread, the
+//! ioeventfd kicked), and a real host directory behind it. Then what a
+//! malicious driver could do: chains outside guest memory, without room for
+//! a reply, looping, with bogus heads, a corrupt ring, random requests.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fuse_backend_rs::abi::fuse_abi::{
+    EntryOut, InHeader, InitIn, InitOut, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, WriteIn,
+    WriteOut,
+};
+use fuse_vm_memory::ByteValued;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::device::FEATURE_EVENT_IDX;
+use super::event_handler::QueueState;
 use super::*;
+use crate::devices::virtio::mmio::FEATURE_VERSION_1;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+
+const QUEUE_LEN: u16 = 256;
+const MEMORY_SIZE: usize = 32 << 20;
+/// Request and reply buffers, bump-allocated from here.
+const BUFFERS: u64 = 0x10_0000;
+const NEXT: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+const WRITE: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+const ROOT: u64 = 1;
+const HEADER: usize = std::mem::size_of::<OutHeader>();
+
+/// A scratch directory removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "vmm-virtio-fs-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn guest_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).unwrap()
+}
+
+/// The guest's driver: two mock queues (hiprio at 0, requests at 0x10000),
+/// chains posted by hand, replies read back from the used ring.
+struct Driver<'a> {
+    memory: &'a GuestMemoryMmap,
+    queues: [MockSplitQueue<'a, GuestMemoryMmap>; NUM_QUEUES],
+    next_desc: [u16; NUM_QUEUES],
+    posted: [u16; NUM_QUEUES],
+    next_buffer: u64,
+    unique: u64,
+}
+
+/// A descriptor of a chain being posted.
+enum Buffer<'b> {
+    /// Device-readable, holding these bytes.
+    Request(&'b [u8]),
+    /// Device-writable, this long.
+    Reply(u32),
+    /// A raw descriptor (address, length, flags without NEXT).
+    Raw(u64, u32, u16),
+}
+
+impl<'a> Driver<'a> {
+    fn new(memory: &'a GuestMemoryMmap) -> Self {
+        Self {
+            memory,
+            queues: [
+                MockSplitQueue::create(memory, GuestAddress(0), QUEUE_LEN),
+                MockSplitQueue::create(memory, GuestAddress(0x1_0000), QUEUE_LEN),
+            ],
+            next_desc: [0; NUM_QUEUES],
+            posted: [0; NUM_QUEUES],
+            next_buffer: BUFFERS,
+            unique: 0,
+        }
+    }
+
+    /// Programs `fs`'s queues as the transport would, acks `features`
+    /// and activates it.
+    fn activate(&self, fs: &mut Fs, features: u64) {
+        for (queue, mock) in fs.queues_mut().iter_mut().zip(&self.queues) {
+            *queue = mock.create_queue().unwrap();
+        }
+        fs.set_acked_features(features);
+        fs.activate(self.memory.clone()).unwrap();
+    }
+
+    fn allocate(&mut self, len: u32) -> u64 {
+        let address = self.next_buffer;
+        self.next_buffer += (len as u64).next_multiple_of(64).max(64);
+        assert!(
+            self.next_buffer < MEMORY_SIZE as u64,
+            "test buffers exhausted"
+        );
+        address
+    }
+
+    /// Stores `descriptors` in `queue`'s table from index `head` on and
+    /// makes `head` available (the mock's own helper does not wrap the
+    /// avail ring).
+    fn publish(&mut self, queue: usize, head: u16, descriptors: &[RawDescriptor]) {
+        let mock = &self.queues[queue];
+        for (i, descriptor) in descriptors.iter().enumerate() {
+            mock.desc_table()
+                .store(head + i as u16, *descriptor)
+                .unwrap();
+        }
+        let avail = mock.avail_addr().0;
+        let idx: u16 = self.memory.read_obj(GuestAddress(avail + 2)).unwrap();
+        let slot = avail + 4 + (idx % QUEUE_LEN) as u64 * 2;
+        self.memory.write_obj(head, GuestAddress(slot)).unwrap();
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.memory
+            .write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
+            .unwrap();
+        self.posted[queue] = self.posted[queue].wrapping_add(1);
+    }
+
+    /// Posts one chain on `queue`; returns the guest addresses of its
+    /// descriptors.
+    fn post(&mut self, queue: usize, buffers: &[Buffer]) -> Vec<(u64, u32)> {
+        let mut descriptors = Vec::new();
+        let mut placed = Vec::new();
+        // Every earlier chain is used by now: start over at the table's end.
+        let first = if self.next_desc[queue] as usize + buffers.len() > QUEUE_LEN as usize {
+            0
+        } else {
+            self.next_desc[queue]
+        };
+        for (i, buffer) in buffers.iter().enumerate() {
+            let (address, len, flags) = match buffer {
+                Buffer::Request(bytes) => {
+                    let address = self.allocate(bytes.len() as u32);
+                    self.memory
+                        .write_slice(bytes, GuestAddress(address))
+                        .unwrap();
+                    (address, bytes.len() as u32, 0)
+                }
+                Buffer::Reply(len) => (self.allocate(*len), *len, WRITE),
+                Buffer::Raw(address, len, flags) => (*address, *len, *flags),
+            };
+            let index = first + i as u16;
+            let last = i + 1 == buffers.len();
+            let (flags, next) = if last {
+                (flags, 0)
+            } else {
+                (flags | NEXT, index + 1)
+            };
+            descriptors.push(RawDescriptor::from(SplitDescriptor::new(
+                address, len, flags, next,
+            )));
+            placed.push((address, len));
+        }
+        self.publish(queue, first, &descriptors);
+        self.next_desc[queue] = first + buffers.len() as u16;
+        placed
+    }
+
+    /// The used ring's index of `queue`.
+    fn used_idx(&self, queue: usize) -> u16 {
+        self.queues[queue].used().idx().load()
+    }
+
+    /// Waits until `queue`'s used index reaches `count`.
+    fn wait_used(&self, queue: usize, count: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.used_idx(queue) != count {
+            assert!(
+                Instant::now() < deadline,
+                "queue {queue}: {} of {count} requests used",
+                self.used_idx(queue)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Used element `n` of `queue`: (head index, used length).
+    fn used(&self, queue: usize, n: u16) -> (u32, u32) {
+        let ring = self.queues[queue].used_addr().0 + 4 + (n % QUEUE_LEN) as u64 * 8;
+        let id: u32 = self.memory.read_obj(GuestAddress(ring)).unwrap();
+        let len: u32 = self.memory.read_obj(GuestAddress(ring + 4)).unwrap();
+        (id, len)
+    }
+
+    fn read(&self, address: u64, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0; len];
+        self.memory
+            .read_slice(&mut bytes, GuestAddress(address))
+            .unwrap();
+        bytes
+    }
+
+    /// A FUSE request: header then `body`.
+    fn message(&mut self, opcode: Opcode, nodeid: u64, body: &[u8]) -> Vec<u8> {
+        self.unique += 1;
+        let header = InHeader {
+            len: (std::mem::size_of::<InHeader>() + body.len()) as u32,
+            opcode: opcode as u32,
+            unique: self.unique,
+            nodeid,
+            ..Default::default()
+        };
+        [header.as_slice(), body].concat()
+    }
+}
+
+/// Sends one request on the request queue of `fs` (kicking its ioeventfd)
+/// and returns the reply: used length, header and body (the writable
+/// buffers, `reply_lens` long, concatenated).
+fn call(
+    driver: &mut Driver,
+    fs: &Fs,
+    opcode: Opcode,
+    nodeid: u64,
+    body: &[u8],
+    reply_lens: &[u32],
+) -> (u32, OutHeader, Vec<u8>) {
+    let message = driver.message(opcode, nodeid, body);
+    let mut buffers = vec![Buffer::Request(&message)];
+    buffers.extend(reply_lens.iter().map(|len| Buffer::Reply(*len)));
+    let placed = driver.post(REQUEST_QUEUE, &buffers);
+    fs.queue_events()[REQUEST_QUEUE].write(1).unwrap();
+    let count = driver.posted[REQUEST_QUEUE];
+    driver.wait_used(REQUEST_QUEUE, count);
+    let (_, used) = driver.used(REQUEST_QUEUE, count - 1);
+    let reply: Vec<u8> = placed[1..]
+        .iter()
+        .flat_map(|(address, len)| driver.read(*address, *len as usize))
+        .collect();
+    let header = object::<OutHeader>(&reply);
+    assert_eq!(
+        header.unique, driver.unique,
+        "the reply answers the request"
+    );
+    (used, header, reply[HEADER..].to_vec())
+}
+
+/// A FUSE struct read from the start of `bytes`.
+fn object<T: ByteValued + Default>(bytes: &[u8]) -> T {
+    let mut value = T::default();
+    let len = std::mem::size_of::<T>();
+    value.as_mut_slice().copy_from_slice(&bytes[..len]);
+    value
+}
+
+fn init(driver: &mut Driver, fs: &Fs) -> InitOut {
+    let body = InitIn {
+        major: 7,
+        minor: 31,
+        max_readahead: 128 << 10,
+        flags: 0,
+    };
+    let (used, header, reply) = call(driver, fs, Opcode::Init, 0, body.as_slice(), &[4096]);
+    assert_eq!(header.error, 0, "INIT failed");
+    assert_eq!(used as usize, header.len as usize);
+    object::<InitOut>(&reply)
+}
+
+fn lookup(driver: &mut Driver, fs: &Fs, name: &str) -> (i32, EntryOut) {
+    let body = [name.as_bytes(), b"\0"].concat();
+    let (_, header, reply) = call(driver, fs, Opcode::Lookup, ROOT, &body, &[4096]);
+    let entry = if header.error == 0 {
+        object::<EntryOut>(&reply)
+    } else {
+        EntryOut::default()
+    };
+    (header.error, entry)
+}
+
+fn open(driver: &mut Driver, fs: &Fs, nodeid: u64, flags: i32) -> u64 {
+    let body = OpenIn {
+        flags: flags as u32,
+        fuse_flags: 0,
+    };
+    let (_, header, reply) = call(driver, fs, Opcode::Open, nodeid, body.as_slice(), &[256]);
+    assert_eq!(header.error, 0, "OPEN failed");
+    object::<OpenOut>(&reply).fh
+}
+
+fn shared_file(dir: &Path, name: &str, len: usize) -> Vec<u8> {
+    let content: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+    std::fs::write(dir.join(name), &content).unwrap();
+    content
+}
 
 #[test]
 fn the_config_space_holds_the_tag_and_one_request_queue() {
-    let dir = std::env::temp_dir();
-    let fs = Fs::new("microvm", &dir).unwrap();
+    let dir = ScratchDir::new("config");
+    let fs = Fs::new("microvm", &dir.0).unwrap();
     let mut tag = [0u8; TAG_LEN];
     fs.read_config(0, &mut tag);
     assert_eq!(&tag[..7], b"microvm");
@@ -11,25 +315,367 @@ fn the_config_space_holds_the_tag_and_one_request_queue() {
     let mut queues = [0u8; 4];
     fs.read_config(TAG_LEN as u64, &mut queues);
     assert_eq!(u32::from_le_bytes(queues), 1);
-    // Reads past the end see zeroes, never a panic.
+    // Byte-wise reads and reads past the end (or at absurd offsets) see
+    // the same bytes or zeroes, never a panic.
+    let mut byte = [0u8; 1];
+    fs.read_config(1, &mut byte);
+    assert_eq!(byte[0], b'i');
     let mut beyond = [0xffu8; 8];
-    fs.read_config(200, &mut beyond);
+    fs.read_config(CONFIG_SPACE_SIZE as u64 - 2, &mut beyond);
+    assert_eq!(beyond, [0; 8]);
+    fs.read_config(u64::MAX, &mut beyond);
     assert_eq!(beyond, [0; 8]);
     assert_eq!(fs.device_type(), VIRTIO_ID_FS);
+    assert_eq!(fs.queues().len(), NUM_QUEUES);
+    assert_eq!(fs.queue_events().len(), NUM_QUEUES);
+    assert_eq!(fs.queues()[REQUEST_QUEUE].max_size(), QUEUE_SIZE);
+    assert_ne!(fs.avail_features() & FEATURE_VERSION_1, 0);
+    // A 36-byte tag fills the field with no NUL.
+    let long = "t".repeat(TAG_LEN);
+    let fs = Fs::new(&long, &dir.0).unwrap();
+    let mut config = [0u8; CONFIG_SPACE_SIZE];
+    fs.read_config(0, &mut config);
+    assert_eq!(&config[..TAG_LEN], long.as_bytes());
+    assert_eq!(&config[TAG_LEN..], &1u32.to_le_bytes());
 }
 
 #[test]
 fn bad_tags_and_directories_are_named() {
-    let dir = std::env::temp_dir();
-    assert!(matches!(Fs::new("", &dir), Err(FsError::BadTag(_))));
+    let dir = ScratchDir::new("bad");
+    assert!(matches!(Fs::new("", &dir.0), Err(FsError::BadTag(_))));
     let long = "x".repeat(TAG_LEN + 1);
-    assert!(matches!(Fs::new(&long, &dir), Err(FsError::BadTag(_))));
+    assert!(matches!(Fs::new(&long, &dir.0), Err(FsError::BadTag(_))));
     let error = Fs::new("t", Path::new("/no/such/dir"))
         .err()
         .unwrap()
         .to_string();
     assert!(error.contains("/no/such/dir"), "{error}");
-    let file = std::env::current_exe().unwrap();
+    let file = dir.0.join("file");
+    std::fs::write(&file, b"x").unwrap();
     let error = Fs::new("t", &file).err().unwrap().to_string();
     assert!(error.contains("not a directory"), "{error}");
+    assert!(error.contains(&file.display().to_string()), "{error}");
+}
+
+fn round_trip(features: u64) {
+    let dir = ScratchDir::new(&format!("round-trip-{features:x}"));
+    let content = shared_file(&dir.0, "hello.txt", 10_000);
+    let memory = guest_memory();
+    let mut driver = Driver::new(&memory);
+    let mut fs = Fs::new("microvm", &dir.0).unwrap();
+    driver.activate(&mut fs, features);
+    assert!(fs.is_activated());
+
+    let init = init(&mut driver, &fs);
+    assert_eq!(init.major, 7);
+    assert!(init.max_write >= 4096, "max_write {}", init.max_write);
+
+    let (error, missing) = lookup(&mut driver, &fs, "missing");
+    assert_eq!(error, -libc::ENOENT, "{missing:?}");
+    let (error, entry) = lookup(&mut driver, &fs, "hello.txt");
+    assert_eq!(error, 0);
+    assert_ne!(entry.nodeid, 0);
+    assert_eq!(entry.attr.size, content.len() as u64);
+    assert_eq!(entry.attr.mode & libc::S_IFMT, libc::S_IFREG);
+
+    // READ across a split reply: the header and 100 bytes in one buffer,
+    // the rest in two more (the server scatters into them).
+    let fh = open(&mut driver, &fs, entry.nodeid, libc::O_RDWR);
+    let read = ReadIn {
+        fh,
+        offset: 5,
+        size: 9_000,
+        ..Default::default()
+    };
+    let (used, header, data) = call(
+        &mut driver,
+        &fs,
+        Opcode::Read,
+        entry.nodeid,
+        read.as_slice(),
+        &[HEADER as u32 + 100, 4000, 8000],
+    );
+    assert_eq!(header.error, 0);
+    assert_eq!(used as usize, HEADER + 9_000);
+    assert_eq!(header.len, used);
+    assert!(
+        data[..9_000] == content[5..9_005],
+        "READ returned other bytes"
+    );
+
+    // WRITE: the payload goes from guest memory to the host file.
+    let payload = b"written by the guest";
+    let write = WriteIn {
+        fh,
+        offset: 2,
+        size: payload.len() as u32,
+        ..Default::default()
+    };
+    let body = [write.as_slice(), payload].concat();
+    let (_, header, reply) = call(&mut driver, &fs, Opcode::Write, entry.nodeid, &body, &[64]);
+    assert_eq!(header.error, 0);
+    assert_eq!(object::<WriteOut>(&reply).size, payload.len() as u32);
+    let on_host = std::fs::read(dir.0.join("hello.txt")).unwrap();
+    assert_eq!(&on_host[2..2 + payload.len()], payload);
+    assert_eq!(on_host.len(), content.len());
+
+    // The driver resets the device: the thread ends, the queues are clean.
+    assert!(fs.reset());
+    assert!(!fs.is_activated());
+    assert!(!fs.queues()[REQUEST_QUEUE].ready());
+    assert_eq!(fs.acked_features(), 0);
+}
+
+#[test]
+fn init_lookup_read_and_write_round_trip_through_the_queues() {
+    round_trip(FEATURE_VERSION_1);
+}
+
+#[test]
+fn the_round_trip_works_with_event_idx() {
+    round_trip(FEATURE_VERSION_1 | FEATURE_EVENT_IDX);
+}
+
+#[test]
+fn the_hiprio_queue_is_served_too() {
+    let dir = ScratchDir::new("hiprio");
+    let memory = guest_memory();
+    let mut driver = Driver::new(&memory);
+    let mut fs = Fs::new("microvm", &dir.0).unwrap();
+    driver.activate(&mut fs, FEATURE_VERSION_1);
+    init(&mut driver, &fs);
+    // FORGET needs no reply: the chain comes back used, length 0.
+    let forget = driver.message(Opcode::Forget, ROOT, &1u64.to_le_bytes());
+    driver.post(HIPRIO_QUEUE, &[Buffer::Request(&forget)]);
+    fs.queue_events()[HIPRIO_QUEUE].write(1).unwrap();
+    driver.wait_used(HIPRIO_QUEUE, 1);
+    assert_eq!(driver.used(HIPRIO_QUEUE, 0), (0, 0));
+}
+
+#[test]
+fn malformed_chains_get_used_length_zero_and_the_device_keeps_serving() {
+    let dir = ScratchDir::new("malformed");
+    shared_file(&dir.0, "f", 10);
+    let memory = guest_memory();
+    let mut driver = Driver::new(&memory);
+    let mut fs = Fs::new("microvm", &dir.0).unwrap();
+    driver.activate(&mut fs, FEATURE_VERSION_1);
+    init(&mut driver, &fs);
+
+    let lookup_f = driver.message(Opcode::Lookup, ROOT, b"f\0");
+    let beyond = MEMORY_SIZE as u64 + 0x1000;
+    let cases: Vec<(&str, Vec<Buffer>)> = vec![
+        (
+            "a request outside guest memory",
+            vec![Buffer::Raw(beyond, 64, 0), Buffer::Reply(4096)],
+        ),
+        (
+            "a reply buffer outside guest memory",
+            vec![Buffer::Request(&lookup_f), Buffer::Raw(beyond, 4096, WRITE)],
+        ),
+        (
+            "a buffer straddling the end of guest memory",
+            vec![
+                Buffer::Request(&lookup_f),
+                Buffer::Raw(MEMORY_SIZE as u64 - 16, 4096, WRITE),
+            ],
+        ),
+        (
+            "a buffer at the top of the address space",
+            vec![
+                Buffer::Request(&lookup_f),
+                Buffer::Raw(u64::MAX - 8, u32::MAX, WRITE),
+            ],
+        ),
+        ("no room for a reply", vec![Buffer::Request(&lookup_f)]),
+        (
+            "a reply buffer too small for the reply",
+            vec![Buffer::Request(&lookup_f), Buffer::Reply(8)],
+        ),
+        (
+            "a truncated header",
+            vec![Buffer::Request(&lookup_f[..10]), Buffer::Reply(4096)],
+        ),
+        ("an empty request", vec![Buffer::Reply(4096)]),
+    ];
+    for (what, buffers) in &cases {
+        driver.post(REQUEST_QUEUE, buffers);
+        fs.queue_events()[REQUEST_QUEUE].write(1).unwrap();
+        let count = driver.posted[REQUEST_QUEUE];
+        driver.wait_used(REQUEST_QUEUE, count);
+        assert_eq!(driver.used(REQUEST_QUEUE, count - 1).1, 0, "{what}");
+    }
+
+    // A chain that loops on itself (its NEXT points back at it): the
+    // chain ends at the queue size.
+    let looping = driver.next_desc[REQUEST_QUEUE];
+    let address = driver.allocate(64);
+    memory
+        .write_slice(&lookup_f, GuestAddress(address))
+        .unwrap();
+    driver.publish(
+        REQUEST_QUEUE,
+        looping,
+        &[RawDescriptor::from(SplitDescriptor::new(
+            address,
+            lookup_f.len() as u32,
+            NEXT,
+            looping,
+        ))],
+    );
+    driver.next_desc[REQUEST_QUEUE] += 1;
+    fs.queue_events()[REQUEST_QUEUE].write(1).unwrap();
+    let count = driver.posted[REQUEST_QUEUE];
+    driver.wait_used(REQUEST_QUEUE, count);
+    assert_eq!(
+        driver.used(REQUEST_QUEUE, count - 1).1,
+        0,
+        "a looping chain"
+    );
+
+    // An unknown opcode is answered ENOSYS.
+    let (used, header, _) = call(&mut driver, &fs, Opcode::MaxOpcode, ROOT, &[], &[64]);
+    assert_eq!(header.error, -libc::ENOSYS);
+    assert_eq!(used as usize, HEADER);
+
+    // After all that, a well-formed request still works.
+    let (error, entry) = lookup(&mut driver, &fs, "f");
+    assert_eq!(error, 0);
+    assert_eq!(entry.attr.size, 10);
+}
+
+#[test]
+fn random_requests_never_crash_the_server() {
+    let dir = ScratchDir::new("random");
+    shared_file(&dir.0, "f", 100);
+    std::fs::create_dir(dir.0.join("d")).unwrap();
+    let memory = guest_memory();
+    let mut driver = Driver::new(&memory);
+    let mut fs = Fs::new("microvm", &dir.0).unwrap();
+    driver.activate(&mut fs, FEATURE_VERSION_1);
+    init(&mut driver, &fs);
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut random = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for round in 0..400u32 {
+        // Any opcode but those that end the session (INIT, DESTROY) or
+        // drop the root's lookups (FORGET, BATCH_FORGET).
+        let opcode = loop {
+            let op = (random() % 52) as u32;
+            if ![2, 26, 38, 42].contains(&op) {
+                break op;
+            }
+        };
+        let nodeid = match random() % 4 {
+            0 => ROOT,
+            1 => 2,
+            2 => 0,
+            _ => random(),
+        };
+        let body: Vec<u8> = (0..random() % 300).map(|_| random() as u8).collect();
+        let mut header = InHeader {
+            len: (std::mem::size_of::<InHeader>() + body.len()) as u32,
+            opcode,
+            unique: round as u64 + 1000,
+            nodeid,
+            ..Default::default()
+        };
+        if random() % 8 == 0 {
+            // A length that lies.
+            header.len = random() as u32;
+        }
+        let message = [header.as_slice(), &body].concat();
+        let reply = (random() % 5000) as u32;
+        driver.post(
+            REQUEST_QUEUE,
+            &[Buffer::Request(&message), Buffer::Reply(reply.max(1))],
+        );
+        if driver.next_buffer > (MEMORY_SIZE as u64) - (1 << 20) {
+            driver.next_buffer = BUFFERS;
+        }
+        fs.queue_events()[REQUEST_QUEUE].write(1).unwrap();
+        driver.wait_used(REQUEST_QUEUE, driver.posted[REQUEST_QUEUE]);
+    }
+    // Still alive and answering.
+    let (error, entry) = lookup(&mut driver, &fs, "f");
+    assert_eq!(error, 0);
+    assert_eq!(entry.attr.size, 100);
+}
+
+#[test]
+fn a_corrupt_ring_is_abandoned_not_spun_on_and_bad_heads_are_skipped() {
+    let dir = ScratchDir::new("corrupt");
+    let memory = guest_memory();
+    let mut driver = Driver::new(&memory);
+    let view = memory_view::view_memory(&memory).unwrap();
+    let queues = driver
+        .queues
+        .iter()
+        .enumerate()
+        .map(|(index, mock)| {
+            let queue: virtio_queue::Queue = mock.create_queue().unwrap();
+            memory_view::view_queue(index, &queue, &view).unwrap()
+        })
+        .collect();
+    let mut state = QueueState {
+        memory: view,
+        queues,
+        events: Vec::new(),
+        interrupt: std::sync::Arc::new(Interrupt::new().unwrap()),
+        server: server::new_server(&dir.0).unwrap(),
+        broken: [false; NUM_QUEUES],
+    };
+
+    // A head index beyond the queue: nothing to serve and nothing to
+    // return, but the request after it is served.
+    let avail = driver.queues[REQUEST_QUEUE].avail_addr().0;
+    memory.write_obj(5000u16, GuestAddress(avail + 4)).unwrap();
+    memory.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    state.process_queue(REQUEST_QUEUE);
+    assert!(!state.broken[REQUEST_QUEUE]);
+    assert_eq!(driver.used_idx(REQUEST_QUEUE), 0);
+    driver.next_desc[REQUEST_QUEUE] = 0;
+    let init = driver.message(
+        Opcode::Init,
+        0,
+        InitIn {
+            major: 7,
+            minor: 31,
+            ..Default::default()
+        }
+        .as_slice(),
+    );
+    driver.post(
+        REQUEST_QUEUE,
+        &[Buffer::Request(&init), Buffer::Reply(4096)],
+    );
+    state.process_queue(REQUEST_QUEUE);
+    assert_eq!(driver.used_idx(REQUEST_QUEUE), 1);
+    assert_ne!(driver.used(REQUEST_QUEUE, 0).1, 0, "INIT was answered");
+    assert_ne!(
+        state
+            .interrupt
+            .status
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the guest was interrupted"
+    );
+
+    // An available index more than a queue ahead of the device: corrupt.
+    // The device stops serving that queue instead of spinning on it.
+    memory
+        .write_obj(2 + 2 * QUEUE_LEN, GuestAddress(avail + 2))
+        .unwrap();
+    let started = Instant::now();
+    state.process_queue(REQUEST_QUEUE);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(state.broken[REQUEST_QUEUE]);
+    state.process_queue(REQUEST_QUEUE);
+    assert_eq!(driver.used_idx(REQUEST_QUEUE), 1);
+    // The other queue is unaffected.
+    assert!(!state.broken[HIPRIO_QUEUE]);
 }

@@ -1,0 +1,170 @@
+//! The virtio-fs device as the transport sees it: features, the config
+//! space, its queues and their ioeventfds, activation (which starts the
+//! device's event loop) and reset.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::event_handler::{EventHandler, QueueState};
+use super::memory_view;
+use super::server::{new_server, FsServer};
+use super::{FsError, CONFIG_SPACE_SIZE, NUM_QUEUES, QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS};
+use crate::devices::virtio::mmio::FEATURE_VERSION_1;
+use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice};
+
+/// VIRTIO_RING_F_EVENT_IDX: the driver and device tell each other when to
+/// notify, so a busy queue costs fewer exits and interrupts.
+pub const FEATURE_EVENT_IDX: u64 =
+    1 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+pub struct Fs {
+    tag: String,
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+    acked_features: u64,
+    server: Arc<FsServer>,
+    handler: Option<EventHandler>,
+}
+
+impl Fs {
+    /// A device exporting `dir` under `tag` (1 to 36 bytes).
+    pub fn new(tag: &str, dir: &Path) -> Result<Self, FsError> {
+        if tag.is_empty() || tag.len() > TAG_LEN {
+            return Err(FsError::BadTag(tag.to_string()));
+        }
+        let server = new_server(dir)?;
+        let queues = (0..NUM_QUEUES)
+            .map(|_| Queue::new(QUEUE_SIZE))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| FsError::Setup(format!("{e:?}")))?;
+        let queue_events = (0..NUM_QUEUES)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| FsError::Setup(e.to_string()))?;
+        Ok(Self {
+            tag: tag.to_string(),
+            queues,
+            queue_events,
+            interrupt: Arc::new(Interrupt::new().map_err(|e| FsError::Setup(e.to_string()))?),
+            acked_features: 0,
+            server,
+            handler: None,
+        })
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The config space: the tag (NUL-padded) and the number of request queues.
+    fn config_space(&self) -> [u8; CONFIG_SPACE_SIZE] {
+        let mut config = [0u8; CONFIG_SPACE_SIZE];
+        config[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
+        config[TAG_LEN..].copy_from_slice(&((NUM_QUEUES - 1) as u32).to_le_bytes());
+        config
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn avail_features(&self) -> u64 {
+        FEATURE_VERSION_1 | FEATURE_EVENT_IDX
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, acked: u64) {
+        self.acked_features = acked & self.avail_features();
+    }
+
+    fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.queues
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config_space();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = usize::try_from(offset)
+                .ok()
+                .and_then(|start| start.checked_add(i))
+                .and_then(|at| config.get(at))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::warn!("virtio-fs: ignoring a write to its read-only config at {offset}");
+    }
+
+    fn activate(&mut self, memory: GuestMemoryMmap) -> Result<(), ActivateError> {
+        let view =
+            memory_view::view_memory(&memory).map_err(|e| ActivateError::Backend(e.to_string()))?;
+        let event_idx = self.acked_features & FEATURE_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(NUM_QUEUES);
+        for (index, queue) in self.queues.iter().enumerate() {
+            let mut queue = memory_view::view_queue(index, queue, &view).map_err(|e| {
+                ActivateError::BadQueue {
+                    index,
+                    reason: e.to_string(),
+                }
+            })?;
+            fuse_virtio_queue::QueueT::set_event_idx(&mut queue, event_idx);
+            queues.push(queue);
+        }
+        let events = self
+            .queue_events
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        let handler = EventHandler::start(QueueState {
+            memory: view,
+            queues,
+            events,
+            interrupt: self.interrupt.clone(),
+            server: self.server.clone(),
+            broken: [false; NUM_QUEUES],
+        })
+        .map_err(|e| ActivateError::Backend(format!("starting the virtio-fs thread: {e}")))?;
+        self.handler = Some(handler);
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.handler.is_some()
+    }
+
+    fn reset(&mut self) -> bool {
+        if let Some(handler) = self.handler.take() {
+            handler.stop();
+        }
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        self.acked_features = 0;
+        true
+    }
+}

@@ -1,0 +1,123 @@
+//! The virtio-fs backend: `fuse-backend-rs`'s passthrough file system over
+//! the shared directory, its FUSE server, and one request served from one
+//! descriptor chain.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use fuse_virtio_queue::DescriptorChain;
+
+use super::memory_view::FuseMemory;
+use super::FsError;
+
+/// The FUSE file system every fs device serves.
+pub type FsServer = Server<Arc<PassthroughFs>>;
+
+/// A FUSE server exporting `dir`.
+pub fn new_server(dir: &Path) -> Result<Arc<FsServer>, FsError> {
+    Ok(Arc::new(Server::new(Arc::new(passthrough(dir)?))))
+}
+
+/// The passthrough file system over `dir`.
+fn passthrough(dir: &Path) -> Result<PassthroughFs, FsError> {
+    let bad = |reason: String| FsError::BadDirectory {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(dir).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(bad("not a directory".into()));
+    }
+    let root_dir = dir
+        .to_str()
+        .ok_or_else(|| bad("the path is not UTF-8".into()))?
+        .to_string();
+    let config = PassthroughConfig {
+        root_dir,
+        // One guest owns the share: it caches data and metadata (for the
+        // configured timeouts), revalidating file data on open.
+        cache_policy: CachePolicy::Auto,
+        // Writes gather in the guest's page cache and reach us as large
+        // WRITEs (up to 1 MiB) instead of one per write(2).
+        writeback: true,
+        // Container images carry file capabilities and other xattrs.
+        xattr: true,
+        do_import: true,
+        ..Default::default()
+    };
+    let fs = PassthroughFs::new(config).map_err(|e| FsError::Setup(e.to_string()))?;
+    fs.import().map_err(|e| bad(format!("opening it: {e}")))?;
+    Ok(fs)
+}
+
+/// The passthrough file system holds an `O_PATH` descriptor for every inode
+/// the guest has looked up and not forgotten: a guest keeping thousands of
+/// files in its dentry cache needs far more than the usual soft limit of
+/// 1024. Raises this process's RLIMIT_NOFILE as far as allowed (the hard
+/// limit, or `fs.nr_open` when privileged) and returns the new soft limit.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(limit.rlim_max);
+    for wanted in [nr_open.max(limit.rlim_max), limit.rlim_max] {
+        if wanted <= limit.rlim_cur {
+            return Ok(limit.rlim_cur);
+        }
+        let new = libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: wanted.max(limit.rlim_max),
+        };
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
+            return Ok(wanted);
+        }
+    }
+    Err(io::Error::last_os_error())
+}
+
+/// Serves the FUSE request in `chain` (its device-readable descriptors),
+/// writing the reply into its device-writable ones. Returns the length of
+/// the reply, the used length to give the driver: 0 when the chain is
+/// malformed (buffers outside guest memory, lengths overflowing), when the
+/// request cannot be decoded, and for requests without a reply (FORGET).
+/// Nothing the guest puts in the chain makes this panic.
+pub fn serve_chain(
+    server: &FsServer,
+    memory: &FuseMemory,
+    chain: DescriptorChain<&FuseMemory>,
+) -> u32 {
+    let reader = match Reader::from_descriptor_chain(memory, chain.clone()) {
+        Ok(reader) => reader,
+        Err(e) => {
+            tracing::warn!("virtio-fs: a malformed request buffer: {e}");
+            return 0;
+        }
+    };
+    let writer = match VirtioFsWriter::new(memory, chain) {
+        Ok(writer) => writer,
+        Err(e) => {
+            tracing::warn!("virtio-fs: a malformed reply buffer: {e}");
+            return 0;
+        }
+    };
+    match server.handle_message(reader, writer.into(), None, None) {
+        Ok(len) => u32::try_from(len).unwrap_or(0),
+        Err(e) => {
+            tracing::debug!("virtio-fs: request failed: {e}");
+            0
+        }
+    }
+}
