@@ -9,13 +9,15 @@
 //! 2. `microvm run --image busybox-oci -- true` end to end (image cached
 //!    after the first run), beside `runc run` of the same rootfs.
 //!
-//! `MICROVM_BENCH_RUNS` sets the number of end-to-end runs (default 5).
+//! `MICROVM_BENCH_RUNS` sets the number of end-to-end runs (default 5),
+//! `MICROVM_BENCH_FS_MIB` the file size (default 1024). Release binaries
+//! are used when built (`cargo build --release --bins`).
 
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use microvm_tests::bench::{min_med_max, runs, BenchHost};
-use microvm_tests::{artifact, workspace_binary};
+use microvm_tests::{artifact, bench_binary};
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(900);
@@ -24,7 +26,7 @@ const TIMEOUT: Duration = Duration::from_secs(900);
 /// (seconds, from /proc/uptime) for the directory it is given as $1.
 const WORKLOAD: &str = r#"
 d=$1; t() { cut -d' ' -f1 /proc/uptime; }
-sync; a=$(t); dd if=/dev/zero of=$d/big bs=1M count=1024 conv=fsync 2>/dev/null; b=$(t); echo "write $a $b"
+sync; a=$(t); dd if=/dev/zero of=$d/big bs=1M count=$2 conv=fsync 2>/dev/null; b=$(t); echo "write $a $b"
 sync; echo 3 > /proc/sys/vm/drop_caches
 a=$(t); dd if=$d/big of=/dev/null bs=1M 2>/dev/null; b=$(t); echo "read $a $b"
 rm -f $d/big; mkdir -p $d/many; cd $d/many
@@ -47,7 +49,12 @@ fn seconds(text: &str, what: &str) -> Result<f64> {
 
 fn main() -> Result<()> {
     let runs = runs(5);
-    let microvm = workspace_binary("microvm")?.display().to_string();
+    let microvm = bench_binary("microvm")?.display().to_string();
+    println!("binaries: {microvm} (and the VMM next to it)");
+    let file_mib: u64 = std::env::var("MICROVM_BENCH_FS_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     let rootfs = artifact("busybox-rootfs")?.display().to_string();
     let image = artifact("busybox-oci")?.display().to_string();
     let bench_host = BenchHost::start()?;
@@ -57,7 +64,7 @@ fn main() -> Result<()> {
     // is the shared directory the workload runs in.
     let mut spec = serde_json::to_value(oci_spec::runtime::Spec::default())?;
     spec["process"]["terminal"] = json!(false);
-    spec["process"]["args"] = json!(["sh", "/workload.sh", "/bench"]);
+    spec["process"]["args"] = json!(["sh", "/workload.sh", "/bench", file_mib.to_string()]);
     spec["root"]["readonly"] = json!(false);
     spec["linux"]["readonlyPaths"] = json!([]);
     let all_caps: Vec<String> = caps_all();
@@ -68,7 +75,7 @@ fn main() -> Result<()> {
         "set -e; b=$(mktemp -d); mkdir $b/rootfs; cp -a {rootfs}/. $b/rootfs/; mkdir $b/rootfs/bench; \
          cat > $b/rootfs/workload.sh <<'WORKLOAD'\n{WORKLOAD}\nWORKLOAD\n\
          cat > $b/config.json <<'CONFIG'\n{config}\nCONFIG\n\
-         echo '=== host'; sh $b/rootfs/workload.sh $b/rootfs/bench; \
+         echo '=== host'; sh $b/rootfs/workload.sh $b/rootfs/bench {file_mib}; \
          echo '=== guest'; MICROVM_AGENT_TIMEOUT=120 {microvm} run --memory 512 --bundle $b; \
          rm -rf $b",
         config = serde_json::to_string(&spec)?,
@@ -79,14 +86,14 @@ fn main() -> Result<()> {
         bail!("the workload did not run: {text} / {}", out.stderr_text());
     };
     let (on_host, in_guest) = (&text[host_at..guest_at], &text[guest_at..]);
-    println!("\n1. virtio-fs vs the VM's host file system (same directory, 1 GiB, 10,000 files):");
+    println!("\n1. virtio-fs vs the VM's host file system (same directory, {file_mib} MiB file, 10,000 files):");
     println!(
         "{:<28} {:>14} {:>14} {:>8}",
         "", "host", "virtio-fs", "ratio"
     );
     for (what, label, amount, unit) in [
-        ("write", "sequential write", 1024.0, "MiB/s"),
-        ("read", "sequential read", 1024.0, "MiB/s"),
+        ("write", "sequential write", file_mib as f64, "MiB/s"),
+        ("read", "sequential read", file_mib as f64, "MiB/s"),
         ("meta", "create+stat 10k files", 10000.0, "files/s"),
     ] {
         let host_rate = amount / seconds(on_host, what)?;

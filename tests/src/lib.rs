@@ -95,6 +95,20 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A workspace binary for benchmarks: the release build when there is one
+/// (`cargo build --release --bins`), else the debug build. Benchmarks print
+/// which they used.
+pub fn bench_binary(name: &str) -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let release = target.join("release").join(name);
+    if release.is_file() {
+        return Ok(release);
+    }
+    workspace_binary(name)
+}
+
 /// What a command printed and how it ended.
 #[derive(Debug, Clone)]
 pub struct Output {
