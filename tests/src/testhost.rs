@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use rootfs_builder::cpio::Archive;
 
-use crate::wire::{Frame, Kind, SpawnRequest};
+use crate::wire::{Frame, Kind, SpawnRequest, HEARTBEAT_INTERVAL};
 
 /// The test host's CPU: AMD-V with nested paging.
 pub const TEST_HOST_CPU: &str = "max,+svm,+npt";
@@ -448,9 +448,16 @@ impl Supervisor {
         fs::write(self.dir.join(READY_FILE), &self.kernel_release)
             .map_err(io_err("writing the ready file"))?;
         let this = Arc::new(self);
+        let mut last_heartbeat = Instant::now();
         let result = loop {
             if stop.load(Ordering::SeqCst) {
                 break Ok(());
+            }
+            if last_heartbeat.elapsed() >= HEARTBEAT_INTERVAL {
+                last_heartbeat = Instant::now();
+                if let Err(e) = this.send_to_guest(&Frame::new(0, Kind::Heartbeat, b"")) {
+                    tracing::debug!("heartbeat: {e}");
+                }
             }
             if this.port_closed.load(Ordering::SeqCst) {
                 let error = TestHostError::Boot {

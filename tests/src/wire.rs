@@ -27,6 +27,12 @@ pub enum Kind {
     Signal = 3,
     /// host → guest: power the test host off.
     Shutdown = 4,
+    /// host → guest: nothing to do. Sent every [`HEARTBEAT_INTERVAL`]: QEMU's
+    /// TCG, running nested SVM guests, now and then leaves the test host
+    /// idle with its timer interrupt lost (its console then reports soft
+    /// lockups of minutes); any interrupt wakes it, and this one bounds
+    /// such a stall to the interval.
+    Heartbeat = 5,
     /// guest → host: the test host is up; payload is its `uname -r`.
     Ready = 10,
     /// guest → host: bytes the command wrote to stdout.
@@ -39,6 +45,9 @@ pub enum Kind {
     SpawnFailed = 14,
 }
 
+/// How often the supervisor sends a [`Kind::Heartbeat`].
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl TryFrom<u8> for Kind {
     type Error = io::Error;
 
@@ -48,6 +57,7 @@ impl TryFrom<u8> for Kind {
             2 => Kind::Stdin,
             3 => Kind::Signal,
             4 => Kind::Shutdown,
+            5 => Kind::Heartbeat,
             10 => Kind::Ready,
             11 => Kind::Stdout,
             12 => Kind::Stderr,

@@ -286,6 +286,7 @@ fn serve_commands() -> Result<()> {
                 }
             }
             Kind::Shutdown => return Ok(()),
+            Kind::Heartbeat => {}
             other => eprintln!("testhost-init: ignoring unexpected {other:?} frame"),
         }
     }
