@@ -14,6 +14,9 @@ packages=(
     runc
     # umoci, skopeo: make the busybox test image (OCI layout and archives).
     umoci skopeo
+    # containerd (ctr, CRI), CNI plugins and protoc (the tests' CRI client is
+    # generated from the cri-api proto): the containerd tests and benchmark.
+    containerd protobuf-compiler containernetworking-plugins
 )
 
 as_root() {

@@ -43,9 +43,8 @@ fn serve(address: &str, is_init: bool) -> Result<()> {
     if let Some(path) = address.strip_prefix("unix://") {
         let _ = std::fs::remove_file(path);
     }
-    let service = protocols::agent_ttrpc::create_agent_service(Arc::new(Box::new(Agent::new(
-        processes, is_init,
-    ))));
+    let service =
+        protocols::agent_ttrpc::create_agent_service(Arc::new(Agent::new(processes, is_init)));
     // Reads, writes and waits block: give every outstanding call a thread.
     let mut server = ttrpc::Server::new()
         .bind(address)

@@ -13,6 +13,7 @@ use std::os::unix::net::UnixStream;
     non_camel_case_types,
     non_snake_case,
     non_upper_case_globals,
+    unused_imports,
     unused_mut,
     unused_results,
     trivial_casts
@@ -30,6 +31,7 @@ pub mod agent {
     non_camel_case_types,
     non_snake_case,
     non_upper_case_globals,
+    unused_imports,
     unused_mut,
     unused_results,
     trivial_casts

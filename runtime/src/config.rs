@@ -33,6 +33,15 @@ pub struct SandboxConfig {
     /// `shared/` in the sandbox's state directory), in the VMM's own mount
     /// namespace: they vanish with the VMM, however it ends.
     pub shared_binds: Vec<SharedBind>,
+    /// Where the sandbox keeps its state (sockets, logs, the shared
+    /// directory); a fresh directory under the temp dir when `None`. It is
+    /// removed when the sandbox ends.
+    pub state_dir: Option<PathBuf>,
+    /// Make the shared directory a shared mount in our mount namespace, so
+    /// that what is mounted under it later (a container's rootfs, by the
+    /// containerd shim) also appears in the VMM's namespace and so in the
+    /// guest.
+    pub late_mounts: bool,
 }
 
 /// A host path shown in the sandbox's shared directory.
@@ -184,6 +193,8 @@ impl SandboxConfig {
             agent_timeout,
             shared_dir: None,
             shared_binds: Vec::new(),
+            state_dir: None,
+            late_mounts: false,
         })
     }
 }

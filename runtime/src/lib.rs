@@ -1,4 +1,4 @@
-//! The host side of microvm: the `microvm` CLI, the containerd shim (later),
+//! The host side of microvm: the `microvm` CLI, the containerd shim,
 //! the sandbox lifecycle (start the VMM, connect to the agent, tear down) and
 //! the configuration.
 
@@ -8,3 +8,5 @@ pub mod guest_command;
 pub mod hybrid_vsock;
 pub mod oci;
 pub mod sandbox;
+pub mod shim;
+pub mod shim_config;

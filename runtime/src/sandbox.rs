@@ -78,8 +78,8 @@ fn prepare_share(
 ) -> Result<Binds, SandboxError> {
     let shared = match (&config.shared_dir, config.shared_binds.is_empty()) {
         (Some(shared), _) => shared.clone(),
-        (None, false) => dir.join(SHARED_DIR),
-        (None, true) => return Ok(Vec::new()),
+        (None, true) if !config.late_mounts => return Ok(Vec::new()),
+        (None, _) => dir.join(SHARED_DIR),
     };
     let state_error = |path: &Path| {
         let path = path.to_path_buf();
@@ -224,11 +224,13 @@ impl Sandbox {
                 });
             }
         }
-        let dir = std::env::temp_dir().join(format!(
-            "microvm-{}-{}",
-            std::process::id(),
-            SANDBOX_COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
+        let dir = config.state_dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!(
+                "microvm-{}-{}",
+                std::process::id(),
+                SANDBOX_COUNTER.fetch_add(1, Ordering::SeqCst)
+            ))
+        });
         std::fs::create_dir_all(&dir).map_err(|source| SandboxError::StateDir {
             path: dir.clone(),
             source,
@@ -260,10 +262,16 @@ impl Sandbox {
         let binds = match prepare_share(config, &dir, &mut command) {
             Ok(binds) => binds,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                remove_state(&dir);
                 return Err(e);
             }
         };
+        if config.late_mounts {
+            if let Err(e) = share_late_mounts(&dir.join(SHARED_DIR)) {
+                remove_state(&dir);
+                return Err(e);
+            }
+        }
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -289,7 +297,7 @@ impl Sandbox {
         let vmm = match command.spawn() {
             Ok(child) => child,
             Err(source) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                remove_state(&dir);
                 return Err(SandboxError::SpawnVmm {
                     path: config.vmm.clone(),
                     source,
@@ -302,6 +310,17 @@ impl Sandbox {
             console: config.console.clone(),
             exited: None,
         })
+    }
+
+    /// The directory the guest sees over virtio-fs (tag [`SHARED_FS_TAG`]),
+    /// mounted at [`GUEST_SHARED_DIR`] in the guest.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir.join(SHARED_DIR)
+    }
+
+    /// The sandbox's state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn vmm_pid(&self) -> u32 {
@@ -422,6 +441,85 @@ impl Drop for Sandbox {
             let _ = self.vmm.kill();
             let _ = self.vmm.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_state(&self.dir);
     }
+}
+
+/// Where the agent mounts the shared directory in the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/microvm/shared";
+
+/// Makes `shared` a mount point of its own with shared propagation in our
+/// mount namespace: the VMM's namespace (a slave of ours) then receives
+/// every mount made under it later.
+fn share_late_mounts(shared: &Path) -> Result<(), SandboxError> {
+    use nix::mount::{mount, MsFlags};
+    let fail = |e: nix::Error| SandboxError::StateDir {
+        path: shared.to_path_buf(),
+        source: e.into(),
+    };
+    std::fs::create_dir_all(shared).map_err(|source| SandboxError::StateDir {
+        path: shared.to_path_buf(),
+        source,
+    })?;
+    mount(
+        Some(shared),
+        shared,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(fail)?;
+    mount(
+        None::<&str>,
+        shared,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        let _ = nix::mount::umount2(shared, nix::mount::MntFlags::MNT_DETACH);
+        fail(e)
+    })
+}
+
+/// Removes a sandbox's state directory, detaching whatever is still mounted
+/// under its shared directory first (a crashed shim's leftovers included).
+pub fn remove_state(dir: &Path) {
+    let shared = dir.join(SHARED_DIR);
+    // Detaching the top mount takes every mount under it along.
+    while is_mount_point(&shared) {
+        if nix::mount::umount2(&shared, nix::mount::MntFlags::MNT_DETACH).is_err() {
+            break;
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Whether `path` is a mount point in our namespace (per /proc/self/mountinfo).
+pub fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = path.display().to_string();
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|mount_point| unescape_mountinfo(mount_point) == wanted)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut chars = field.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let digits: String = chars.clone().take(3).collect();
+            if let Ok(code) = u8::from_str_radix(&digits, 8) {
+                out.push(code as char);
+                chars.nth(2);
+                continue;
+            }
+        }
+        out.push(c);
+    }
+    out
 }

@@ -1,0 +1,708 @@
+//! One pod = one microVM: its VMM (started from a thread that lives as
+//! long as the pod, so the VMM's parent-death signal fires only when the
+//! shim dies), the agent connection, the pod's containers with their
+//! processes, and what happens when the VM dies under them: every process
+//! still running is reported exited (status 255) at once.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim_protos::events::task as events;
+use containerd_shim_protos::protobuf::MessageDyn;
+use containerd_shim_protos::topics;
+use protocols::agent;
+use protocols::agent_ttrpc::AgentServiceClient;
+use serde_json::Value;
+
+use super::io::{self, StdioPaths};
+use super::mounts::{self, MountSpec};
+use super::process::{timestamp, Process, VM_DIED_EXIT};
+use super::spec;
+use crate::config::SandboxConfig;
+use crate::sandbox::{remove_state, Sandbox, SHARED_FS_TAG};
+
+/// Publishes task events to containerd.
+pub struct Events {
+    pub publisher: RemotePublisher,
+    pub namespace: String,
+}
+
+impl Events {
+    pub fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let context = containerd_shim::Context::default();
+        if let Err(e) = self
+            .publisher
+            .publish(context, topic, &self.namespace, event)
+        {
+            tracing::warn!("publishing {topic}: {e}");
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Agent(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<PodError> for ttrpc::Error {
+    fn from(e: PodError) -> Self {
+        let code = match &e {
+            PodError::NotFound(_) => ttrpc::Code::NOT_FOUND,
+            PodError::InvalidArgument(_) => ttrpc::Code::INVALID_ARGUMENT,
+            PodError::FailedPrecondition(_) => ttrpc::Code::FAILED_PRECONDITION,
+            PodError::Agent(_) | PodError::Other(_) => ttrpc::Code::UNKNOWN,
+        };
+        ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+    }
+}
+
+fn agent_error(what: &str) -> impl Fn(ttrpc::Error) -> PodError + '_ {
+    move |e| PodError::Agent(format!("{what}: {}", protocols::error_message(&e)))
+}
+
+fn short() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
+}
+
+fn forever() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(0)
+}
+
+/// A container of the pod.
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub init: Arc<Process>,
+    pub execs: HashMap<String, Arc<Process>>,
+    /// Execs added but not started yet: their `process` JSON.
+    pending_execs: HashMap<String, String>,
+    /// `<shared>/<id>`: its rootfs and shared binds.
+    share: PathBuf,
+    /// The init's output copiers, started at create.
+    init_output: Vec<JoinHandle<()>>,
+}
+
+impl Container {
+    pub fn process(&self, exec_id: &str) -> Result<&Arc<Process>, PodError> {
+        if exec_id.is_empty() {
+            return Ok(&self.init);
+        }
+        self.execs
+            .get(exec_id)
+            .ok_or_else(|| PodError::NotFound(format!("exec {exec_id} of {}", self.id)))
+    }
+}
+
+pub struct Pod {
+    pub id: String,
+    client: AgentServiceClient,
+    /// The agent connection, to break it when the VM dies.
+    agent_stream: UnixStream,
+    sandbox: Mutex<Option<Sandbox>>,
+    pub vmm_pid: u32,
+    shared: PathBuf,
+    state_dir: PathBuf,
+    containers: Mutex<HashMap<String, Container>>,
+    events: Arc<Events>,
+    /// Dropping it ends the thread the VMM was started from.
+    keeper: Mutex<Option<mpsc::Sender<()>>>,
+    dead: AtomicBool,
+}
+
+/// Where the shim keeps pod `id` of `namespace`.
+pub fn state_dir(namespace: &str, id: &str) -> PathBuf {
+    Path::new(super::STATE_ROOT).join(namespace).join(id)
+}
+
+impl Pod {
+    /// Boots the pod's VM and prepares the guest for containers.
+    pub fn boot(
+        id: &str,
+        namespace: &str,
+        mut config: SandboxConfig,
+        hostname: &str,
+        events: Arc<Events>,
+    ) -> Result<Arc<Pod>, PodError> {
+        let dir = state_dir(namespace, id);
+        // A crashed shim's leftovers for the same pod.
+        remove_state(&dir);
+        config.state_dir = Some(dir.clone());
+        config.late_mounts = true;
+        let agent_timeout = config.agent_timeout;
+        let (started_tx, started_rx) = mpsc::channel();
+        let (keeper_tx, keeper_rx) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("vmm-{id}"))
+            .spawn(move || {
+                let _ = started_tx.send(Sandbox::start(&config));
+                // Lives until the pod drops the sender: the VMM gets
+                // SIGKILL when this thread ends (PR_SET_PDEATHSIG).
+                let _ = keeper_rx.recv();
+            })
+            .map_err(|e| PodError::Other(format!("starting the VMM thread: {e}")))?;
+        let mut sandbox = started_rx
+            .recv()
+            .map_err(|_| PodError::Other("the VMM thread died".into()))?
+            .map_err(|e| PodError::Other(format!("starting the pod's VM: {e}")))?;
+        let stream = match sandbox.connect_agent(agent_timeout) {
+            Ok(stream) => stream,
+            Err(e) => return Err(PodError::Other(format!("starting the pod's VM: {e}"))),
+        };
+        let agent_stream = stream
+            .try_clone()
+            .map_err(|e| PodError::Other(format!("agent connection: {e}")))?;
+        let client = AgentServiceClient::new(
+            protocols::client_from_stream(stream)
+                .map_err(|e| PodError::Other(format!("agent connection: {e}")))?,
+        );
+        client
+            .create_sandbox(
+                short(),
+                &agent::CreateSandboxRequest {
+                    sandbox_id: id.to_string(),
+                    hostname: hostname.to_string(),
+                    shared_fs_tag: SHARED_FS_TAG.to_string(),
+                    ..Default::default()
+                },
+            )
+            .map_err(agent_error("preparing the guest"))?;
+        let pod = Arc::new(Pod {
+            id: id.to_string(),
+            client,
+            agent_stream,
+            vmm_pid: sandbox.vmm_pid(),
+            shared: sandbox.shared_dir(),
+            state_dir: sandbox.state_dir().to_path_buf(),
+            sandbox: Mutex::new(Some(sandbox)),
+            containers: Mutex::new(HashMap::new()),
+            events,
+            keeper: Mutex::new(Some(keeper_tx)),
+            dead: AtomicBool::new(false),
+        });
+        watch_vm(Arc::downgrade(&pod));
+        tracing::info!("pod {id}: VM up (VMM pid {})", pod.vmm_pid);
+        Ok(pod)
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    fn containers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Container>> {
+        self.containers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on container `id`.
+    pub fn with_container<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Container) -> Result<T, PodError>,
+    ) -> Result<T, PodError> {
+        let mut containers = self.containers();
+        let container = containers.get_mut(id).ok_or_else(|| {
+            PodError::NotFound(format!("container {id} not found in pod {}", self.id))
+        })?;
+        f(container)
+    }
+
+    pub fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, PodError> {
+        self.with_container(id, |c| c.process(exec_id).cloned())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.containers().is_empty()
+    }
+
+    /// Creates a container from its bundle: rootfs and binds into the
+    /// shared directory, the spec rewritten for the guest, the agent's
+    /// CreateContainer; its output copied from then on.
+    pub fn create_container(
+        &self,
+        id: &str,
+        bundle: &Path,
+        rootfs: &[MountSpec],
+        stdio: StdioPaths,
+        spec: Value,
+    ) -> Result<(), PodError> {
+        if self.is_dead() {
+            return Err(PodError::FailedPrecondition(format!(
+                "the VM of pod {} is dead",
+                self.id
+            )));
+        }
+        if self.containers().contains_key(id) {
+            return Err(PodError::InvalidArgument(format!(
+                "container {id} already exists"
+            )));
+        }
+        let share = self.shared.join(id);
+        let created = (|| {
+            mounts::mount_rootfs(rootfs, &bundle.join("rootfs"), &share.join("rootfs"))
+                .map_err(|e| PodError::Other(e.to_string()))?;
+            let spec = spec::for_guest(spec, id, &share)
+                .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
+            self.client
+                .create_container(
+                    forever(),
+                    &agent::CreateContainerRequest {
+                        container_id: id.to_string(),
+                        spec_json: spec.to_string(),
+                        bundle: id.to_string(),
+                        ..Default::default()
+                    },
+                )
+                .map_err(agent_error("creating the container in the guest"))?;
+            match io::start_output(&self.client, id, id, &stdio) {
+                Ok(output) => Ok(output),
+                Err(e) => {
+                    self.remove_in_guest(id);
+                    Err(PodError::InvalidArgument(e.to_string()))
+                }
+            }
+        })();
+        let init_output = match created {
+            Ok(output) => output,
+            Err(e) => {
+                mounts::unmount_and_remove(&share);
+                return Err(e);
+            }
+        };
+        io::start_input(&self.client, id, id, &stdio.stdin);
+        let init = Arc::new(Process::new(id, "", stdio.clone()));
+        self.containers().insert(
+            id.to_string(),
+            Container {
+                id: id.to_string(),
+                bundle: bundle.to_path_buf(),
+                init,
+                execs: HashMap::new(),
+                pending_execs: HashMap::new(),
+                share,
+                init_output,
+            },
+        );
+        self.events.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(events::TaskCreate {
+                container_id: id.to_string(),
+                bundle: bundle.display().to_string(),
+                io: protobuf::MessageField::some(events::TaskIO {
+                    stdin: stdio.stdin,
+                    stdout: stdio.stdout,
+                    stderr: stdio.stderr,
+                    terminal: stdio.terminal,
+                    ..Default::default()
+                }),
+                pid: self.vmm_pid,
+                ..Default::default()
+            }),
+        );
+        Ok(())
+    }
+
+    /// Starts a created container's init, or an added exec.
+    pub fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32, PodError> {
+        if exec_id.is_empty() {
+            let (process, output) = self.with_container(id, |c| {
+                Ok((c.init.clone(), std::mem::take(&mut c.init_output)))
+            })?;
+            self.client
+                .start_container(
+                    forever(),
+                    &agent::StartContainerRequest {
+                        container_id: id.to_string(),
+                        ..Default::default()
+                    },
+                )
+                .map_err(agent_error("starting the container"))?;
+            process.set_running(self.vmm_pid);
+            self.events.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(events::TaskStart {
+                    container_id: id.to_string(),
+                    pid: self.vmm_pid,
+                    ..Default::default()
+                }),
+            );
+            self.wait_in_background(process, output);
+            return Ok(self.vmm_pid);
+        }
+        let (process, process_json) = self.with_container(id, |c| {
+            let json = c.pending_execs.remove(exec_id).ok_or_else(|| {
+                PodError::NotFound(format!("exec {exec_id} of {id} was not added"))
+            })?;
+            Ok((c.process(exec_id)?.clone(), json))
+        })?;
+        self.client
+            .exec_in_container(
+                forever(),
+                &agent::ExecInContainerRequest {
+                    container_id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                    process_json,
+                    ..Default::default()
+                },
+            )
+            .map_err(agent_error("starting the exec"))?;
+        let output = io::start_output(&self.client, id, exec_id, &process.stdio)
+            .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
+        io::start_input(&self.client, id, exec_id, &process.stdio.stdin);
+        process.set_running(self.vmm_pid);
+        self.events.publish(
+            topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+            Box::new(events::TaskExecStarted {
+                container_id: id.to_string(),
+                exec_id: exec_id.to_string(),
+                pid: self.vmm_pid,
+                ..Default::default()
+            }),
+        );
+        self.wait_in_background(process, output);
+        Ok(self.vmm_pid)
+    }
+
+    /// Adds an exec (started by [`Pod::start`]).
+    pub fn add_exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: String,
+        stdio: StdioPaths,
+    ) -> Result<(), PodError> {
+        self.with_container(id, |c| {
+            if c.execs.contains_key(exec_id) {
+                return Err(PodError::InvalidArgument(format!(
+                    "exec {exec_id} of {id} exists"
+                )));
+            }
+            c.execs.insert(
+                exec_id.to_string(),
+                Arc::new(Process::new(id, exec_id, stdio)),
+            );
+            c.pending_execs.insert(exec_id.to_string(), process_json);
+            Ok(())
+        })?;
+        self.events.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(events::TaskExecAdded {
+                container_id: id.to_string(),
+                exec_id: exec_id.to_string(),
+                ..Default::default()
+            }),
+        );
+        Ok(())
+    }
+
+    /// Waits (on a thread) for the process's end in the guest, lets its
+    /// output drain, then records and publishes the exit.
+    fn wait_in_background(self: &Arc<Self>, process: Arc<Process>, output: Vec<JoinHandle<()>>) {
+        let pod = Arc::downgrade(self);
+        let client = self.client.clone();
+        std::thread::spawn(move || {
+            let agent_exec_id = if process.exec_id.is_empty() {
+                process.container_id.clone()
+            } else {
+                process.exec_id.clone()
+            };
+            let waited = client.wait_process(
+                forever(),
+                &agent::WaitProcessRequest {
+                    container_id: process.container_id.clone(),
+                    exec_id: agent_exec_id,
+                    ..Default::default()
+                },
+            );
+            let (status, oom) = match waited {
+                Ok(w) if w.signal != 0 => (128 + w.signal, w.oom_killed),
+                Ok(w) => (w.status as u32, w.oom_killed),
+                Err(_) => (VM_DIED_EXIT, false),
+            };
+            drain(output, Duration::from_secs(2));
+            let Some(pod) = pod.upgrade() else { return };
+            if oom {
+                pod.events.publish(
+                    topics::TASK_OOM_EVENT_TOPIC,
+                    Box::new(events::TaskOOM {
+                        container_id: process.container_id.clone(),
+                        ..Default::default()
+                    }),
+                );
+            }
+            pod.record_exit(&process, status);
+        });
+    }
+
+    fn record_exit(&self, process: &Process, status: u32) {
+        if !process.set_exited(status) {
+            return;
+        }
+        let exit = process.exit().expect("just set");
+        let id = if process.exec_id.is_empty() {
+            process.container_id.clone()
+        } else {
+            process.exec_id.clone()
+        };
+        self.events.publish(
+            topics::TASK_EXIT_EVENT_TOPIC,
+            Box::new(events::TaskExit {
+                container_id: process.container_id.clone(),
+                id,
+                pid: self.vmm_pid,
+                exit_status: status,
+                exited_at: protobuf::MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            }),
+        );
+    }
+
+    /// Signals a process (every process of the container with `all`).
+    pub fn kill(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<(), PodError> {
+        let process = self.process(id, exec_id)?;
+        if process.exit().is_some() || self.is_dead() {
+            return Ok(());
+        }
+        self.client
+            .signal_process(
+                short(),
+                &agent::SignalProcessRequest {
+                    container_id: id.to_string(),
+                    exec_id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
+                    signal,
+                    all,
+                    ..Default::default()
+                },
+            )
+            .map_err(agent_error("signalling the process"))?;
+        Ok(())
+    }
+
+    /// Deletes an exec, or a container (its init must have ended or never
+    /// started). Returns the process's exit.
+    pub fn delete(&self, id: &str, exec_id: &str) -> Result<(u32, super::process::Exit), PodError> {
+        if !exec_id.is_empty() {
+            return self.with_container(id, |c| {
+                let process = c.process(exec_id)?.clone();
+                let exit = delete_exit(&process)?;
+                c.execs.remove(exec_id);
+                c.pending_execs.remove(exec_id);
+                io::release_input(&process.stdio.stdin);
+                Ok((self.vmm_pid, exit))
+            });
+        }
+        let container = {
+            let mut containers = self.containers();
+            let container = containers
+                .get(id)
+                .ok_or_else(|| PodError::NotFound(format!("container {id} not found")))?;
+            delete_exit(&container.init)?;
+            containers.remove(id).expect("just found")
+        };
+        if !self.is_dead() {
+            self.remove_in_guest(id);
+        }
+        for process in std::iter::once(&container.init).chain(container.execs.values()) {
+            io::release_input(&process.stdio.stdin);
+        }
+        mounts::unmount_and_remove(&container.share);
+        let exit = container.init.exit().expect("checked by delete_exit");
+        self.events.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(events::TaskDelete {
+                container_id: id.to_string(),
+                id: id.to_string(),
+                pid: self.vmm_pid,
+                exit_status: exit.status,
+                exited_at: protobuf::MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            }),
+        );
+        tracing::info!(
+            "pod {}: container {id} deleted ({})",
+            self.id,
+            container.bundle.display()
+        );
+        Ok((self.vmm_pid, exit))
+    }
+
+    fn remove_in_guest(&self, id: &str) {
+        let request = agent::RemoveContainerRequest {
+            container_id: id.to_string(),
+            ..Default::default()
+        };
+        if let Err(e) = self.client.remove_container(short(), &request) {
+            tracing::warn!(
+                "removing {id} in the guest: {}",
+                protocols::error_message(&e)
+            );
+        }
+    }
+
+    pub fn pause(&self, id: &str, paused: bool) -> Result<(), PodError> {
+        let container_id = id.to_string();
+        if paused {
+            self.client
+                .pause_container(
+                    short(),
+                    &agent::PauseContainerRequest {
+                        container_id,
+                        ..Default::default()
+                    },
+                )
+                .map_err(agent_error("pausing"))?;
+        } else {
+            self.client
+                .resume_container(
+                    short(),
+                    &agent::ResumeContainerRequest {
+                        container_id,
+                        ..Default::default()
+                    },
+                )
+                .map_err(agent_error("resuming"))?;
+        }
+        self.with_container(id, |c| {
+            for process in std::iter::once(&c.init).chain(c.execs.values()) {
+                process.set_paused(paused);
+            }
+            Ok(())
+        })?;
+        let id = id.to_string();
+        if paused {
+            self.events.publish(
+                topics::TASK_PAUSED_EVENT_TOPIC,
+                Box::new(events::TaskPaused {
+                    container_id: id,
+                    ..Default::default()
+                }),
+            );
+        } else {
+            self.events.publish(
+                topics::TASK_RESUMED_EVENT_TOPIC,
+                Box::new(events::TaskResumed {
+                    container_id: id,
+                    ..Default::default()
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn agent(&self) -> &AgentServiceClient {
+        &self.client
+    }
+
+    /// Ends the VM: asks the agent to power off, waits a moment, kills the
+    /// VMM if needed, removes the pod's state.
+    pub fn shut_down(&self) {
+        if !self.is_dead() {
+            let _ = self.client.shutdown(
+                ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64),
+                &agent::ShutdownRequest::default(),
+            );
+        }
+        self.dead.store(true, Ordering::SeqCst);
+        let _ = self.agent_stream.shutdown(std::net::Shutdown::Both);
+        let sandbox = self
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(sandbox) = sandbox {
+            sandbox.stop(Duration::from_secs(2));
+        }
+        self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take();
+        remove_state(&self.state_dir);
+        tracing::info!("pod {}: VM stopped", self.id);
+    }
+
+    /// Called when the VMM is found dead: every live process exits.
+    fn vm_died(&self, why: String) {
+        if self.dead.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::error!("pod {}: {why}", self.id);
+        let _ = self.agent_stream.shutdown(std::net::Shutdown::Both);
+        let processes: Vec<Arc<Process>> = self
+            .containers()
+            .values()
+            .flat_map(|c| std::iter::once(c.init.clone()).chain(c.execs.values().cloned()))
+            .filter(|p| p.status() != containerd_shim_protos::types::task::Status::CREATED)
+            .collect();
+        for process in processes {
+            self.record_exit(&process, VM_DIED_EXIT);
+        }
+    }
+}
+
+/// The exit a deleted process reports: its own, or (never started) now.
+fn delete_exit(process: &Process) -> Result<super::process::Exit, PodError> {
+    use containerd_shim_protos::types::task::Status;
+    match process.status() {
+        Status::CREATED => {
+            process.set_exited(0);
+        }
+        Status::STOPPED => {}
+        _ => {
+            return Err(PodError::FailedPrecondition(format!(
+                "{} is still running: kill it first",
+                if process.exec_id.is_empty() {
+                    &process.container_id
+                } else {
+                    &process.exec_id
+                }
+            )))
+        }
+    }
+    Ok(process.exit().expect("stopped"))
+}
+
+/// Waits up to `limit` for output copiers to reach their streams' ends (a
+/// process's children may hold its output open).
+fn drain(threads: Vec<JoinHandle<()>>, limit: Duration) {
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for thread in threads {
+            let _ = thread.join();
+        }
+        let _ = done_tx.send(());
+    });
+    let _ = done_rx.recv_timeout(limit);
+}
+
+/// Polls the VMM; when it has ended, the pod's processes are ended too.
+fn watch_vm(pod: Weak<Pod>) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let Some(pod) = pod.upgrade() else { return };
+        if pod.is_dead() {
+            return;
+        }
+        let death = {
+            let mut sandbox = pod.sandbox.lock().unwrap_or_else(|p| p.into_inner());
+            match sandbox.as_mut() {
+                Some(sandbox) => sandbox.death().map(|e| e.to_string()),
+                None => return,
+            }
+        };
+        if let Some(why) = death {
+            pod.vm_died(why);
+            return;
+        }
+    });
+}

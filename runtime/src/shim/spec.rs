@@ -1,0 +1,195 @@
+//! The OCI spec containerd wrote into the bundle, rewritten for the guest:
+//! the rootfs is the one in the pod's shared directory, host paths the
+//! spec bind-mounts are shared too, the pod's network is the VM's, and
+//! host-side parts (hooks, namespace paths of host processes) go.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::mounts::{bind_into_share, MountError};
+use crate::sandbox::GUEST_SHARED_DIR;
+
+pub const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("reading the OCI spec {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("sharing mount {destination} of the spec: {source}")]
+    Mount {
+        destination: String,
+        source: Box<MountError>,
+    },
+}
+
+/// The bundle's config.json.
+pub fn read(bundle: &Path) -> Result<Value, SpecError> {
+    let path = bundle.join("config.json");
+    let fail = |reason: String| SpecError::Read {
+        path: path.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| fail(e.to_string()))?;
+    let spec: Value = serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?;
+    if !spec.is_object() {
+        return Err(fail("not a JSON object".into()));
+    }
+    Ok(spec)
+}
+
+/// The pod a container belongs to, by Kata's rule: a CRI container
+/// (`container-type=container`) belongs to its `sandbox-id`; a CRI sandbox
+/// or a container without annotations (`ctr run`) is its own pod.
+pub fn pod_id(spec: &Value, container_id: &str) -> String {
+    let annotation = |key: &str| spec["annotations"][key].as_str().map(str::to_string);
+    match annotation(ANNOTATION_CONTAINER_TYPE).as_deref() {
+        Some("container") => annotation(ANNOTATION_SANDBOX_ID).unwrap_or(container_id.into()),
+        _ => container_id.to_string(),
+    }
+}
+
+/// Whether the container is a CRI sandbox (pause) container.
+pub fn is_cri_sandbox(spec: &Value) -> bool {
+    spec["annotations"][ANNOTATION_CONTAINER_TYPE].as_str() == Some("sandbox")
+}
+
+/// Rewrites `spec` for the guest, bind-mounting the host paths it names
+/// under `share` (the container's directory in the pod's shared directory,
+/// `<shared>/<container id>`). The rootfs itself is `share/rootfs`.
+pub fn for_guest(mut spec: Value, container_id: &str, share: &Path) -> Result<Value, SpecError> {
+    spec["root"]["path"] = json!("rootfs");
+    if let Some(object) = spec.as_object_mut() {
+        // Hooks name host binaries; they have no meaning in the guest.
+        object.remove("hooks");
+    }
+    if let Some(mounts) = spec["mounts"].as_array_mut() {
+        let mut kept = Vec::with_capacity(mounts.len());
+        for (index, mount) in mounts.drain(..).enumerate() {
+            if let Some(mount) = guest_mount(mount, index, container_id, share)? {
+                kept.push(mount);
+            }
+        }
+        *mounts = kept;
+    }
+    if let Some(namespaces) = spec["linux"]["namespaces"].as_array_mut() {
+        // The pod's network is the VM's: containers stay in the guest's
+        // network namespace. Paths name host processes' namespaces.
+        namespaces.retain(|ns| ns["type"].as_str() != Some("network"));
+        for ns in namespaces.iter_mut() {
+            if let Some(object) = ns.as_object_mut() {
+                object.remove("path");
+            }
+        }
+    }
+    Ok(spec)
+}
+
+fn is_bind(mount: &Value) -> bool {
+    mount["type"].as_str() == Some("bind")
+        || mount["options"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"))
+}
+
+/// One mount of the spec as the guest needs it: binds of host paths are
+/// shared; the pod's /dev/shm becomes a tmpfs of the guest's; binds of
+/// host devices and kernel file systems are dropped.
+fn guest_mount(
+    mut mount: Value,
+    index: usize,
+    container_id: &str,
+    share: &Path,
+) -> Result<Option<Value>, SpecError> {
+    if !is_bind(&mount) {
+        return Ok(Some(mount));
+    }
+    let destination = mount["destination"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if destination == "/dev/shm" {
+        return Ok(Some(json!({
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        })));
+    }
+    let source = PathBuf::from(mount["source"].as_str().unwrap_or_default());
+    if ["/proc", "/sys", "/dev"]
+        .iter()
+        .any(|p| source.starts_with(p))
+    {
+        tracing::warn!(
+            "{container_id}: dropping bind mount of host {} on {destination}",
+            source.display()
+        );
+        return Ok(None);
+    }
+    let read_only = mount["options"]
+        .as_array()
+        .is_some_and(|o| o.iter().any(|o| o == "ro"));
+    let name = format!("mounts/{index}");
+    bind_into_share(&source, &share.join(&name), read_only).map_err(|source| SpecError::Mount {
+        destination: destination.clone(),
+        source: Box::new(source),
+    })?;
+    mount["source"] = json!(format!("{GUEST_SHARED_DIR}/{container_id}/{name}"));
+    Ok(Some(mount))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cri_containers_join_their_sandbox() {
+        let container = json!({"annotations": {
+            ANNOTATION_CONTAINER_TYPE: "container", ANNOTATION_SANDBOX_ID: "pod1"}});
+        assert_eq!(pod_id(&container, "c1"), "pod1");
+        let sandbox = json!({"annotations": {ANNOTATION_CONTAINER_TYPE: "sandbox"}});
+        assert_eq!(pod_id(&sandbox, "pod1"), "pod1");
+        assert!(is_cri_sandbox(&sandbox));
+        assert_eq!(pod_id(&json!({}), "c2"), "c2");
+    }
+
+    #[test]
+    fn the_guest_spec_uses_the_shared_rootfs_and_the_vm_network() {
+        let spec = json!({
+            "root": {"path": "/host/bundle/rootfs", "readonly": true},
+            "hooks": {"prestart": [{"path": "/usr/bin/x"}]},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev/shm", "type": "bind", "source": "/run/x/shm", "options": ["rbind"]},
+                {"destination": "/dev/fuse", "type": "bind", "source": "/dev/fuse", "options": ["bind"]},
+            ],
+            "linux": {"namespaces": [
+                {"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"},
+                {"type": "ipc", "path": "/proc/42/ns/ipc"}]},
+        });
+        let guest = for_guest(spec, "c1", Path::new("/nonexistent")).unwrap();
+        assert_eq!(guest["root"], json!({"path": "rootfs", "readonly": true}));
+        assert!(guest.get("hooks").is_none());
+        let mounts = guest["mounts"].as_array().unwrap();
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(mounts[1]["type"], "tmpfs");
+        assert_eq!(
+            guest["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "ipc"}])
+        );
+    }
+
+    #[test]
+    fn a_missing_bind_source_names_the_mount() {
+        let spec = json!({"mounts": [
+            {"destination": "/data", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]}]});
+        let err = for_guest(spec, "c1", Path::new("/nonexistent")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("/data") && text.contains("/no/such/dir"),
+            "{text}"
+        );
+    }
+}
