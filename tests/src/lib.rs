@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod containerd;
 pub mod probe;
 pub mod testhost;
 pub mod wire;
@@ -77,6 +78,13 @@ pub fn artifact(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// The workspace's cargo target directory (`target/`, or `CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
 /// A binary of this workspace (`target/debug/NAME`, or under

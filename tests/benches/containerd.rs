@@ -1,0 +1,222 @@
+//! `cargo bench -p microvm-tests --bench containerd`
+//!
+//! Containers through a private containerd (Debian's 1.6) where VMs run
+//! (directly, or inside one KVM test host), one column per runtime: runc,
+//! the baseline, and our shim (`io.containerd.kata.v2`, handler `kata`)
+//! when `containerd-shim-kata-v2` is built (release if built, else debug):
+//! 1. `ctr run --rm IMAGE ID /bin/true`, wall time of the whole ctr command;
+//! 2. CRI RunPodSandbox + CreateContainer + StartContainer until the
+//!    container runs (the `cri up` command's own clock; tearing the pod
+//!    down afterwards is not measured), and each step's median.
+//!
+//! `MICROVM_BENCH_RUNS` sets the number of runs (default 20), after one
+//! unmeasured warm-up run each.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use microvm_tests::bench::{min_med_max, runs, BenchHost};
+use microvm_tests::bench_binary;
+use microvm_tests::containerd::{
+    Containerd, Options, KATA_HANDLER, KATA_RUNTIME, KATA_SHIM, RUNC_HANDLER, RUNC_RUNTIME,
+};
+use serde_json::Value;
+
+/// One script may run every iteration of a measurement.
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// One column: a runtime as ctr names it and as CRI's handler.
+struct Runtime {
+    label: &'static str,
+    runtime: &'static str,
+    handler: &'static str,
+}
+
+/// One row of the table: a column's samples, in seconds.
+type Samples = fn(&Column) -> Result<Vec<f64>>;
+
+/// What one runtime measured, in seconds (or why it could not).
+struct Column {
+    ctr_run: Result<Vec<f64>>,
+    pod_up: Result<Vec<Value>>,
+}
+
+fn main() -> Result<()> {
+    let runs = runs(20);
+    let runtimes = [
+        Runtime {
+            label: "runc",
+            runtime: RUNC_RUNTIME,
+            handler: RUNC_HANDLER,
+        },
+        Runtime {
+            label: "kata (ours)",
+            runtime: KATA_RUNTIME,
+            handler: KATA_HANDLER,
+        },
+    ];
+    let shim: Option<PathBuf> = bench_binary(KATA_SHIM).ok();
+    let mut options = Options::new(env!("CARGO_BIN_EXE_cri"));
+    options
+        .env
+        .push(("MICROVM_AGENT_TIMEOUT".into(), "120".into()));
+    match &shim {
+        Some(path) => {
+            println!("shim: {}", path.display());
+            options.shim_dir = path.parent().context("the shim's directory")?.into();
+        }
+        None => println!("shim: {KATA_SHIM} not built"),
+    }
+    let bench_host = BenchHost::start()?;
+    let mut cd = Containerd::start(&bench_host.host, options)?;
+    let version = cd.ctr_ok(&["version"])?;
+    let server = version
+        .split("Server:")
+        .nth(1)
+        .and_then(|s| s.lines().find(|l| l.contains("Version:")))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_default();
+    println!("containerd: {server}; {runs} runs each, after one warm-up run");
+
+    let mut columns = Vec::new();
+    for runtime in &runtimes {
+        if runtime.runtime == KATA_RUNTIME && shim.is_none() {
+            columns.push(None);
+            continue;
+        }
+        columns.push(Some(Column {
+            ctr_run: ctr_run_true(&cd, runtime.runtime, runs),
+            pod_up: pod_up(&cd, runtime.handler, runs),
+        }));
+    }
+
+    println!();
+    print!("{:<44}", "min / median / max (s)");
+    for runtime in &runtimes {
+        print!(" {:>26}", runtime.label);
+    }
+    println!();
+    let rows: [(&str, Samples); 5] = [
+        ("ctr run --rm IMAGE /bin/true", |c| clone_result(&c.ctr_run)),
+        ("CRI pod up (runp + create + start)", |c| {
+            field(c, "elapsed_ms")
+        }),
+        ("  RunPodSandbox", |c| field(c, "runp_ms")),
+        ("  CreateContainer", |c| field(c, "create_ms")),
+        ("  StartContainer until running", |c| field(c, "start_ms")),
+    ];
+    let mut errors = Vec::new();
+    for (label, samples) in rows {
+        print!("{label:<44}");
+        for (runtime, column) in runtimes.iter().zip(&columns) {
+            let cell = match column {
+                None => "not built".to_string(),
+                Some(column) => match samples(column) {
+                    Ok(mut s) => {
+                        let (a, b, c) = min_med_max(&mut s);
+                        format!("{a:.3} / {b:.3} / {c:.3}")
+                    }
+                    Err(e) => {
+                        errors.push(format!("{} {label}: {e:#}", runtime.label));
+                        "failed".to_string()
+                    }
+                },
+            };
+            print!(" {cell:>26}");
+        }
+        println!();
+    }
+    if shim.is_none() {
+        println!("\nkata: not built ({KATA_SHIM} is in neither target/release nor target/debug)");
+    }
+    for error in &errors {
+        println!("\n{error}");
+    }
+    let warnings = cd.stop()?;
+    if !warnings.is_empty() {
+        println!("\nteardown: {}", warnings.join("; "));
+    }
+    Ok(())
+}
+
+/// Seconds per `ctr run --rm … /bin/true`, timed where VMs run.
+fn ctr_run_true(cd: &Containerd, runtime: &str, runs: usize) -> Result<Vec<f64>> {
+    let script = format!(
+        "set -e; for i in $(seq 0 {runs}); do \
+           a=$(date +%s%N); $CTR run --rm --runtime {runtime} $IMAGE {id}-$i /bin/true; \
+           b=$(date +%s%N); [ $i = 0 ] || echo took $((b - a)); done",
+        id = cd.id(&format!("true-{}", runtime.replace('.', "-"))),
+    );
+    let out = cd.sh(&script, b"", SCRIPT_TIMEOUT)?;
+    if !out.status.success() {
+        bail!(
+            "ctr run failed ({:?}): {}{}",
+            out.status,
+            out.stderr_text().trim(),
+            cd.log_tail()
+        );
+    }
+    Ok(out
+        .stdout_text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("took "))
+        .filter_map(|ns| ns.trim().parse::<f64>().ok())
+        .map(|ns| ns / 1e9)
+        .collect())
+}
+
+/// `cri up` answers (a pod with one `sleep` container, running), each pod
+/// stopped and removed before the next.
+fn pod_up(cd: &Containerd, handler: &str, runs: usize) -> Result<Vec<Value>> {
+    let mut answers = Vec::new();
+    for i in 0..=runs {
+        let pod = cd.pod(&format!("bench-{handler}-{i}"), handler);
+        let mut args = vec!["up".to_string(), "--handler".into(), handler.into()];
+        args.extend(pod.args());
+        args.extend(
+            [
+                "--name",
+                "c",
+                "--image",
+                microvm_tests::containerd::IMAGE,
+                "--",
+            ]
+            .iter()
+            .chain(&["sleep", "100000"])
+            .map(|s| s.to_string()),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let answer = cd.cri(&args)?;
+        let pod_id = answer["pod_id"].as_str().unwrap_or_default().to_string();
+        cd.cri(&["stopp", &pod_id])?;
+        cd.cri(&["rmp", &pod_id])?;
+        if i > 0 {
+            answers.push(answer);
+        }
+    }
+    Ok(answers)
+}
+
+/// One timing of every `cri up` answer, in seconds.
+fn field(column: &Column, name: &str) -> Result<Vec<f64>> {
+    match &column.pod_up {
+        Ok(answers) => answers
+            .iter()
+            .map(|a| {
+                a[name]
+                    .as_f64()
+                    .map(|ms| ms / 1000.0)
+                    .with_context(|| format!("no {name} in {a}"))
+            })
+            .collect(),
+        Err(e) => bail!("{e:#}"),
+    }
+}
+
+fn clone_result(result: &Result<Vec<f64>>) -> Result<Vec<f64>> {
+    match result {
+        Ok(v) => Ok(v.clone()),
+        Err(e) => bail!("{e:#}"),
+    }
+}

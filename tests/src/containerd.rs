@@ -1,0 +1,439 @@
+//! A private containerd (Debian's 1.6) where VMs run, for testing runc and
+//! our shim (`containerd-shim-kata-v2`) through `ctr` and CRI.
+//!
+//! Each [`Containerd`] is its own daemon with its own directory (config,
+//! root, state, sockets, CRI logs), ctr namespace and cgroup, so tests may
+//! run several at once in one test host. The instance imports the busybox
+//! test image as [`IMAGE`] and a pause image as [`PAUSE_IMAGE`] (so CRI never
+//! pulls). Dropping it tears everything down; [`Containerd::leftovers`]
+//! says what a runtime left behind.
+//!
+//! In an integration test (where cargo sets `CARGO_BIN_EXE_*`):
+//!
+//! ```ignore
+//! use microvm_tests::containerd::*;
+//! let host = microvm_tests::vm_host(env!("CARGO_BIN_EXE_testhost"));
+//! let mut cd = Containerd::start(host, Options::new(env!("CARGO_BIN_EXE_cri")))?;
+//! let id = cd.id("hello");
+//! let out = cd.ctr(&["run", "--rm", "--runtime", RUNC_RUNTIME, IMAGE, &id, "echo", "hi"])?;
+//! cd.stop()?;
+//! assert_eq!(cd.leftovers()?, Vec::<String>::new());
+//! ```
+
+mod config;
+mod pod;
+mod scripts;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{target_dir, Output, VmHost};
+
+pub use config::{config_toml, pause_archive, IMAGE, KATA_RUNTIME, PAUSE_IMAGE, RUNC_RUNTIME};
+pub use pod::Pod;
+
+/// The CRI runtime handler for runc.
+pub const RUNC_HANDLER: &str = "runc";
+/// The CRI runtime handler for our shim.
+pub const KATA_HANDLER: &str = "kata";
+/// Our shim's binary, looked up on containerd's PATH.
+pub const KATA_SHIM: &str = "containerd-shim-kata-v2";
+/// Where our shim keeps its pods (`runtime/src/shim`'s `STATE_ROOT`), as
+/// `NAMESPACE/POD`.
+pub const KATA_STATE_ROOT: &str = "/run/microvm";
+
+/// How long one command may take where VMs run (single-vCPU TCG test hosts
+/// are 10–50 times slower than this machine).
+pub const TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Where instances keep their directories (where VMs run).
+pub const BASE_DIR: &str = "/run/microvm-containerd";
+
+/// How to start a [`Containerd`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The CRI client (`env!("CARGO_BIN_EXE_cri")`): the tests' and the
+    /// teardown's way to CRI.
+    pub cri: PathBuf,
+    /// Put first on containerd's PATH, so it finds `containerd-shim-kata-v2`
+    /// there: by default the workspace's `target/debug`.
+    pub shim_dir: PathBuf,
+    /// Extra environment for containerd and so for the shims it starts
+    /// (`MICROVM_AGENT_TIMEOUT`, `MICROVM_VMM`, …).
+    pub env: Vec<(String, String)>,
+    /// containerd logs at debug level (and passes shims `-debug`).
+    pub debug: bool,
+    /// How long containerd may take to answer after its start, and to stop.
+    pub wait: Duration,
+}
+
+impl Options {
+    pub fn new(cri: impl Into<PathBuf>) -> Options {
+        Options {
+            cri: cri.into(),
+            shim_dir: target_dir().join("debug"),
+            env: Vec::new(),
+            debug: false,
+            wait: Duration::from_secs(120),
+        }
+    }
+
+    /// Fails, saying how to build it, unless the shim that `runtime` (a
+    /// runtime name or CRI handler) needs is in [`Options::shim_dir`]; runc's
+    /// comes with containerd.
+    pub fn require_shim(&self, runtime: &str) -> Result<()> {
+        if runtime != KATA_RUNTIME && runtime != KATA_HANDLER {
+            return Ok(());
+        }
+        let shim = self.shim_dir.join(KATA_SHIM);
+        if !shim.is_file() {
+            bail!(
+                "{} is missing: build it (cargo build -p runtime --bins, or scripts/build.sh)",
+                shim.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A running private containerd and everything it holds.
+pub struct Containerd<'h> {
+    host: &'h VmHost,
+    /// Unique per instance: its ctr namespace and cgroup (`/sys/fs/cgroup/NAME`).
+    name: String,
+    /// Its directory where VMs run: `config.toml`, `root/`, `state/`,
+    /// `containerd.sock`, `containerd.log`, `logs/` (CRI pod logs).
+    dir: PathBuf,
+    options: Options,
+    /// containerd's process id where VMs run.
+    pid: u32,
+    stopped: bool,
+    /// The CRI sandboxes it had made, learnt from its log at teardown.
+    sandboxes: Vec<String>,
+}
+
+impl<'h> Containerd<'h> {
+    /// Starts containerd where `host` runs VMs, waits until it answers and
+    /// imports the test and pause images.
+    pub fn start(host: &'h VmHost, options: Options) -> Result<Containerd<'h>> {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        if !options.cri.is_file() {
+            bail!("the CRI client {} is missing", options.cri.display());
+        }
+        let pause = pause_archive()?;
+        let image = crate::artifact("busybox-oci.tar")?;
+        let name = format!(
+            "mcd{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        // Not /tmp: in the test host that is its overlay root, which
+        // overlayfs refuses as an upper layer; /run is a tmpfs there.
+        let dir = Path::new(BASE_DIR).join(&name);
+        let mut cd = Containerd {
+            host,
+            name,
+            dir,
+            options,
+            pid: 0,
+            stopped: false,
+            sandboxes: Vec::new(),
+        };
+        let config = config_toml(&cd.dir, cd.options.debug);
+        let mut vars = cd.vars();
+        vars.extend([
+            (
+                "SHIM_PATH".into(),
+                cd.options.shim_dir.display().to_string(),
+            ),
+            ("IMAGE_TAR".into(), image.display().to_string()),
+            ("IMAGE_BASE".into(), config::IMAGE_BASE.into()),
+            ("PAUSE_TAR".into(), pause.display().to_string()),
+            ("PAUSE_BASE".into(), config::PAUSE_BASE.into()),
+        ]);
+        vars.extend(cd.options.env.iter().cloned());
+        let out = cd.script(&scripts::start(), &vars, config.as_bytes())?;
+        let text = out.stdout_text();
+        let pid = text
+            .lines()
+            .find_map(|l| l.strip_prefix("containerd pid "))
+            .and_then(|p| p.trim().parse().ok());
+        match pid {
+            Some(pid) if out.status.success() => cd.pid = pid,
+            _ => {
+                // Drop tears down whatever did start.
+                bail!(
+                    "starting containerd in {} failed ({:?}{}): {}{}",
+                    cd.dir.display(),
+                    out.status,
+                    if out.timed_out { ", timed out" } else { "" },
+                    out.stderr_text(),
+                    text
+                );
+            }
+        }
+        Ok(cd)
+    }
+
+    /// The instance's unique name: its ctr namespace and cgroup.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its directory where VMs run.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Its gRPC socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    /// The ctr namespace [`Containerd::ctr`] uses (CRI's is `k8s.io`).
+    pub fn namespace(&self) -> &str {
+        &self.name
+    }
+
+    /// containerd's process id where VMs run.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// A container id for `base` (ids are unique per namespace already; this
+    /// keeps them recognisable across instances in one test host).
+    pub fn id(&self, base: &str) -> String {
+        format!("{}-{base}", self.name)
+    }
+
+    /// The cgroup parent for CRI pods: under the instance's cgroup.
+    pub fn pod_cgroup_parent(&self) -> String {
+        format!("/{}/pods", self.name)
+    }
+
+    /// `ctr -a SOCKET -n NAMESPACE ARGS…`, however it ends.
+    pub fn ctr(&self, args: &[&str]) -> Result<Output> {
+        self.ctr_in(&self.name, args, b"", TIMEOUT)
+    }
+
+    /// `ctr` in `namespace`, with `stdin`, killed after `timeout`.
+    pub fn ctr_in(
+        &self,
+        namespace: &str,
+        args: &[&str],
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Result<Output> {
+        let socket = self.socket().display().to_string();
+        let mut argv = vec!["ctr", "-a", &socket, "-n", namespace];
+        argv.extend_from_slice(args);
+        self.host
+            .run(&argv, stdin, timeout)
+            .with_context(|| format!("running ctr {}", args.join(" ")))
+    }
+
+    /// `ctr ARGS…` that must succeed: its stdout.
+    pub fn ctr_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.ctr(args)?;
+        if !out.status.success() || out.timed_out {
+            bail!(
+                "ctr {} ended with {:?}{}: {}{}",
+                args.join(" "),
+                out.status,
+                if out.timed_out { " (timed out)" } else { "" },
+                out.stderr_text(),
+                self.log_tail()
+            );
+        }
+        Ok(out.stdout_text())
+    }
+
+    /// `cri --socket SOCKET ARGS…` (see `src/bin/cri/main.rs`), which must
+    /// succeed: its JSON answer.
+    pub fn cri(&self, args: &[&str]) -> Result<Value> {
+        let out = self.cri_output(args)?;
+        if !out.status.success() || out.timed_out {
+            bail!(
+                "cri {} ended with {:?}{}: {}{}",
+                args.join(" "),
+                out.status,
+                if out.timed_out { " (timed out)" } else { "" },
+                out.stderr_text().trim(),
+                self.log_tail()
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "cri {} printed no JSON: {}",
+                args.join(" "),
+                out.stdout_text()
+            )
+        })
+    }
+
+    /// `cri --socket SOCKET ARGS…`, however it ends.
+    pub fn cri_output(&self, args: &[&str]) -> Result<Output> {
+        let cri = self.options.cri.display().to_string();
+        let socket = self.socket().display().to_string();
+        let mut argv = vec![cri.as_str(), "--socket", &socket];
+        argv.extend_from_slice(args);
+        self.host
+            .run(&argv, b"", TIMEOUT)
+            .with_context(|| format!("running cri {}", args.join(" ")))
+    }
+
+    /// Runs a shell script where VMs run, with `D` (the instance's
+    /// directory), `S` (its socket), `NS`, `CTR` (`ctr -a S -n NS`), `CRI`
+    /// (`cri --socket S`) and `IMAGE` set.
+    pub fn sh(&self, script: &str, stdin: &[u8], timeout: Duration) -> Result<Output> {
+        let socket = self.socket().display().to_string();
+        let mut vars = self.vars();
+        vars.extend([
+            ("S".to_string(), socket.clone()),
+            ("CTR".into(), format!("ctr -a {socket} -n {}", self.name)),
+            (
+                "CRI".into(),
+                format!("{} --socket {socket}", self.options.cri.display()),
+            ),
+            ("IMAGE".into(), IMAGE.into()),
+        ]);
+        self.script_with(script, &vars, stdin, timeout)
+    }
+
+    /// A file's content where VMs run (a CRI log, say).
+    pub fn read_file(&self, path: &str) -> Result<String> {
+        let out = self.host.run(&["cat", path], b"", TIMEOUT)?;
+        if !out.status.success() {
+            bail!("cannot read {path}: {}", out.stderr_text());
+        }
+        Ok(out.stdout_text())
+    }
+
+    /// The last lines of containerd's log (with a heading), for error
+    /// messages; empty when there is none.
+    pub fn log_tail(&self) -> String {
+        let log = self.dir.join("containerd.log").display().to_string();
+        match self.host.run(&["tail", "-n", "30", &log], b"", TIMEOUT) {
+            Ok(out) if out.status.success() => {
+                format!("\n--- the end of {log}:\n{}", out.stdout_text())
+            }
+            _ => String::new(),
+        }
+    }
+
+    /// What of this instance is still there that should not be, one line
+    /// each: tasks and containers in its namespaces; its processes (shims,
+    /// VMMs and containers, found by their command line, environment, working
+    /// directory or cgroup; containerd itself only once stopped); mounts
+    /// under or over its directory or in our shim's pod directories; those
+    /// directories ([`KATA_STATE_ROOT`]); container cgroups; runc state; and
+    /// shim sockets in `/run/containerd/s` nobody listens on (any
+    /// instance's).
+    /// After [`Containerd::stop`], also the directory and cgroups themselves.
+    pub fn leftovers(&self) -> Result<Vec<String>> {
+        let mut vars = self.vars();
+        vars.push((
+            "RUNNING".into(),
+            if self.stopped { "0" } else { "1" }.into(),
+        ));
+        let out = self.script(&scripts::leftovers(), &vars, b"")?;
+        if !out.status.success() || out.timed_out {
+            bail!(
+                "looking for leftovers failed ({:?}): {}",
+                out.status,
+                out.stderr_text()
+            );
+        }
+        Ok(out
+            .stdout_text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("LEFTOVER "))
+            .map(String::from)
+            .collect())
+    }
+
+    /// Tears the instance down: removes every pod, task and container
+    /// through containerd, stops it, then kills, unmounts and removes what
+    /// is left of it. Returns the warnings (what needed force). Idempotent;
+    /// Drop calls it.
+    pub fn stop(&mut self) -> Result<Vec<String>> {
+        if self.stopped {
+            return Ok(Vec::new());
+        }
+        let vars = self.vars();
+        let out = self.script(&scripts::stop(), &vars, b"")?;
+        self.stopped = true;
+        self.sandboxes = out
+            .stdout_text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("SANDBOX "))
+            .map(String::from)
+            .collect();
+        if !out.status.success() || out.timed_out {
+            bail!(
+                "tearing containerd down failed ({:?}): {}{}",
+                out.status,
+                out.stderr_text(),
+                out.stdout_text()
+            );
+        }
+        Ok(out
+            .stdout_text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("WARNING: "))
+            .map(String::from)
+            .collect())
+    }
+
+    /// The variables every script gets (see `scripts.rs`).
+    fn vars(&self) -> Vec<(String, String)> {
+        vec![
+            ("D".into(), self.dir.display().to_string()),
+            ("NAME".into(), self.name.clone()),
+            ("NS".into(), self.name.clone()),
+            ("CRI".into(), self.options.cri.display().to_string()),
+            ("WAIT".into(), self.options.wait.as_secs().to_string()),
+            ("SHIM_STATE".into(), KATA_STATE_ROOT.into()),
+            ("SANDBOXES".into(), self.sandboxes.join(" ")),
+        ]
+    }
+
+    fn script(&self, script: &str, vars: &[(String, String)], stdin: &[u8]) -> Result<Output> {
+        self.script_with(script, vars, stdin, TIMEOUT)
+    }
+
+    /// `env VARS… sh -c SCRIPT` where VMs run.
+    fn script_with(
+        &self,
+        script: &str,
+        vars: &[(String, String)],
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Result<Output> {
+        let mut argv: Vec<String> = vec!["env".into()];
+        argv.extend(vars.iter().map(|(k, v)| format!("{k}={v}")));
+        argv.extend(["sh".into(), "-c".into(), script.into()]);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.host.run(&argv, stdin, timeout)
+    }
+}
+
+impl Drop for Containerd<'_> {
+    fn drop(&mut self) {
+        match self.stop() {
+            Ok(warnings) if !warnings.is_empty() => {
+                eprintln!(
+                    "containerd {}: teardown: {}",
+                    self.name,
+                    warnings.join("; ")
+                )
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("containerd {}: {e:#}", self.name),
+        }
+    }
+}

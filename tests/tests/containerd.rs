@@ -1,0 +1,342 @@
+//! Containers through a real containerd (Debian's 1.6), with `ctr` and with
+//! CRI calls the way kubelet makes them, where VMs run (inside the test host
+//! on PVM machines). Each test body takes the runtime (a containerd runtime
+//! name, or a CRI handler), so one body tests runc, the reference, and our
+//! shim alike: a kata variant is a one-line test calling the same body with
+//! `KATA_RUNTIME` or `KATA_HANDLER`.
+//!
+//! Every test ends by asserting that nothing is left: no task, container,
+//! shim, VMM or container process, mount, container cgroup or shim socket,
+//! before containerd stops and after.
+
+use std::time::Duration;
+
+use microvm_tests::containerd::{Containerd, Options, IMAGE, RUNC_HANDLER, RUNC_RUNTIME, TIMEOUT};
+use microvm_tests::{vm_host, ExitStatus, VmHost};
+use serde_json::Value;
+
+fn host() -> &'static VmHost {
+    vm_host(env!("CARGO_BIN_EXE_testhost"))
+}
+
+/// A private containerd whose shims may take TCG's time; panics with the
+/// reason when it cannot start, or when `runtime` needs a shim not built.
+fn containerd(runtime: &str) -> Containerd<'static> {
+    let mut options = Options::new(env!("CARGO_BIN_EXE_cri"));
+    options
+        .env
+        .push(("MICROVM_AGENT_TIMEOUT".into(), "120".into()));
+    if let Err(e) = options.require_shim(runtime) {
+        panic!("the {runtime} tests cannot run: {e:#}");
+    }
+    match Containerd::start(host(), options) {
+        Ok(cd) => cd,
+        Err(e) => panic!("containerd did not start: {e:#}"),
+    }
+}
+
+/// Asserts that nothing of `cd`'s containers is left, both while containerd
+/// still runs and after it stopped (and that stopping needed no force).
+fn assert_nothing_left(mut cd: Containerd) {
+    let running = cd.leftovers().expect("looking for leftovers");
+    let log = if running.is_empty() {
+        String::new()
+    } else {
+        cd.log_tail()
+    };
+    let forced = cd.stop().expect("stopping containerd");
+    let stopped = cd.leftovers().expect("looking for leftovers");
+    assert!(
+        running.is_empty() && forced.is_empty() && stopped.is_empty(),
+        "left behind while containerd ran: {running:#?}\nforced at teardown: {forced:#?}\n\
+         left after it stopped: {stopped:#?}{log}"
+    );
+}
+
+fn text(value: &Value) -> &str {
+    value.as_str().unwrap_or_default()
+}
+
+/// `ctr run --rm` passes the container's output and exit code through.
+fn ctr_run_exit_code(runtime: &str) {
+    let cd = containerd(runtime);
+    let id = cd.id("run");
+    let out = cd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            runtime,
+            IMAGE,
+            &id,
+            "sh",
+            "-c",
+            "echo hi; exit 3",
+        ])
+        .unwrap();
+    assert_eq!(
+        (out.status, out.stdout_text().as_str()),
+        (ExitStatus::Code(3), "hi\n"),
+        "stderr: {}{}",
+        out.stderr_text(),
+        cd.log_tail()
+    );
+    assert_nothing_left(cd);
+}
+
+/// The task API through ctr on a detached task: exec, ps, pause and
+/// resume, metrics, kill, delete.
+fn ctr_task_lifecycle(runtime: &str) {
+    let cd = containerd(runtime);
+    let id = cd.id("task");
+    cd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        IMAGE,
+        &id,
+        "sleep",
+        "100000",
+    ])
+    .unwrap();
+    let state = |cd: &Containerd| -> String {
+        let tasks = cd.ctr_ok(&["task", "ls"]).unwrap();
+        tasks
+            .lines()
+            .find(|l| l.starts_with(&id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("absent")
+            .to_string()
+    };
+    assert_eq!(state(&cd), "RUNNING");
+
+    let exec = cd
+        .ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "probe",
+            &id,
+            "sh",
+            "-c",
+            "echo in; ps -o pid,comm; exit 4",
+        ])
+        .unwrap();
+    assert_eq!(exec.status, ExitStatus::Code(4), "{}", exec.stderr_text());
+    let exec_out = exec.stdout_text();
+    assert!(
+        exec_out.starts_with("in\n") && exec_out.contains("sleep"),
+        "{exec_out}"
+    );
+
+    let ps = cd.ctr_ok(&["task", "ps", &id]).unwrap();
+    assert_eq!(ps.lines().count(), 2, "one process: {ps}");
+
+    cd.ctr_ok(&["task", "pause", &id]).unwrap();
+    assert_eq!(state(&cd), "PAUSED");
+    cd.ctr_ok(&["task", "resume", &id]).unwrap();
+    assert_eq!(state(&cd), "RUNNING");
+
+    let metrics = cd.ctr_ok(&["task", "metrics", &id]).unwrap();
+    assert!(metrics.contains("pids.current"), "{metrics}");
+
+    cd.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]).unwrap();
+    let stopped = (0..600).any(|_| {
+        state(&cd) == "STOPPED" || {
+            std::thread::sleep(Duration::from_millis(100));
+            false
+        }
+    });
+    assert!(
+        stopped,
+        "the task did not stop after SIGKILL: {}",
+        state(&cd)
+    );
+    cd.ctr_ok(&["task", "rm", &id]).unwrap();
+    cd.ctr_ok(&["container", "rm", &id]).unwrap();
+    assert_nothing_left(cd);
+}
+
+/// A pod with two containers, kubelet's way: one that exits with output on
+/// both streams (its CRI log and status), one that runs (exec, stats, stop);
+/// then the pod is stopped and removed.
+fn cri_pod_with_two_containers(handler: &str) {
+    let cd = containerd(handler);
+    let pod = cd.pod("two", handler);
+    let pod_id = cd.run_pod(&pod).unwrap();
+    let status = cd.cri(&["inspectp", &pod_id]).unwrap();
+    assert_eq!(
+        text(&status["status"]["state"]),
+        "SANDBOX_READY",
+        "{status}"
+    );
+
+    let writer = cd
+        .create_container(
+            &pod_id,
+            &pod,
+            "writer",
+            &[],
+            &["sh", "-c", "echo out-line; echo err-line >&2; exit 7"],
+        )
+        .unwrap();
+    let sleeper = cd
+        .create_container(
+            &pod_id,
+            &pod,
+            "sleeper",
+            &["--env", "GREETING=hello"],
+            &[
+                "sh",
+                "-c",
+                "trap 'echo stopping; exit 0' TERM; sleep 100000 & wait",
+            ],
+        )
+        .unwrap();
+    cd.cri(&["start", &writer]).unwrap();
+    cd.cri(&["start", &sleeper]).unwrap();
+
+    let exited = cd.cri(&["wait", "--state", "EXITED", &writer]).unwrap();
+    let log_path = format!("{}/writer_0.log", pod.log_dir);
+    assert_eq!(exited["status"]["exit_code"], 7, "{exited}");
+    assert_eq!(text(&exited["status"]["log_path"]), log_path, "{exited}");
+    // CRI's log format: TIME STREAM F|P LINE.
+    let log = cd.read_file(&log_path).unwrap();
+    let lines: Vec<Vec<&str>> = log
+        .lines()
+        .map(|l| l.split(' ').skip(1).collect())
+        .collect();
+    assert!(
+        lines.contains(&vec!["stdout", "F", "out-line"])
+            && lines.contains(&vec!["stderr", "F", "err-line"]),
+        "{log}"
+    );
+
+    let running = cd.cri(&["status", &sleeper]).unwrap();
+    assert_eq!(
+        text(&running["status"]["state"]),
+        "CONTAINER_RUNNING",
+        "{running}"
+    );
+    let exec = cd
+        .cri(&[
+            "exec-sync",
+            &sleeper,
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING; echo e >&2; exit 5",
+        ])
+        .unwrap();
+    assert_eq!(
+        (
+            &exec["exit_code"],
+            text(&exec["stdout"]),
+            text(&exec["stderr"])
+        ),
+        (&Value::from(5), "hello\n", "e\n"),
+        "{exec}"
+    );
+    let stats = cd.cri(&["stats", &sleeper]).unwrap();
+    assert_eq!(
+        text(&stats["stats"]["attributes"]["id"]),
+        sleeper,
+        "{stats}"
+    );
+    assert!(
+        stats["stats"]["memory"]["working_set_bytes"]["value"].as_u64() > Some(0),
+        "{stats}"
+    );
+    let listed = cd.cri(&["ps", "--pod", &pod_id]).unwrap();
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+
+    // StopContainer sends SIGTERM, which the container's shell traps.
+    cd.cri(&["stop", "--grace", "60", &sleeper]).unwrap();
+    let stopped = cd.cri(&["status", &sleeper]).unwrap();
+    assert_eq!(
+        (
+            text(&stopped["status"]["state"]),
+            &stopped["status"]["exit_code"]
+        ),
+        ("CONTAINER_EXITED", &Value::from(0)),
+        "{stopped}"
+    );
+    let log = cd.read_file(text(&stopped["status"]["log_path"])).unwrap();
+    assert!(log.contains(" stdout F stopping"), "{log}");
+
+    cd.cri(&["stopp", &pod_id]).unwrap();
+    let status = cd.cri(&["inspectp", &pod_id]).unwrap();
+    assert_eq!(
+        text(&status["status"]["state"]),
+        "SANDBOX_NOTREADY",
+        "{status}"
+    );
+    cd.cri(&["rmp", &pod_id]).unwrap();
+    let pods = cd.cri(&["pods"]).unwrap();
+    assert_eq!(pods["items"], Value::Array(vec![]), "{pods}");
+    assert_nothing_left(cd);
+}
+
+#[test]
+fn ctr_run_passes_output_and_exit_code_runc() {
+    ctr_run_exit_code(RUNC_RUNTIME);
+}
+
+#[test]
+fn ctr_task_exec_ps_pause_resume_metrics_kill_runc() {
+    ctr_task_lifecycle(RUNC_RUNTIME);
+}
+
+#[test]
+fn cri_pod_with_two_containers_runc() {
+    cri_pod_with_two_containers(RUNC_HANDLER);
+}
+
+// Our shim runs the same bodies, one line each:
+//     #[test]
+//     fn ctr_run_passes_output_and_exit_code_kata() {
+//         ctr_run_exit_code(KATA_RUNTIME);
+//     }
+// and likewise ctr_task_lifecycle(KATA_RUNTIME) and
+// cri_pod_with_two_containers(KATA_HANDLER).
+
+/// The harness itself: what a test leaves running is reported, with its
+/// shim, mounts and cgroup, and the teardown still removes it all.
+#[test]
+fn leftovers_are_reported_and_torn_down() {
+    let mut cd = containerd(RUNC_RUNTIME);
+    let id = cd.id("forgotten");
+    cd.ctr_ok(&["run", "-d", IMAGE, &id, "sleep", "100000"])
+        .unwrap();
+    let pod = cd.pod("forgotten", RUNC_HANDLER);
+    let pod_id = cd.run_pod(&pod).unwrap();
+    let left = cd.leftovers().unwrap();
+    let has = |prefix: &str, needle: &str| {
+        left.iter()
+            .any(|l| l.starts_with(prefix) && l.contains(needle))
+    };
+    for (prefix, needle) in [
+        ("task:", id.as_str()),
+        ("container:", id.as_str()),
+        ("container:", pod_id.as_str()),
+        ("process:", "containerd-shim-runc-v2"),
+        ("process:", "sleep 100000"),
+        ("mount:", "rootfs"),
+        ("cgroup:", id.as_str()),
+    ] {
+        assert!(has(prefix, needle), "no {prefix} {needle} in {left:#?}");
+    }
+    cd.stop().unwrap();
+    let left = cd.leftovers().unwrap();
+    assert!(left.is_empty(), "{left:#?}");
+    // The CRI log directory went with the instance's directory.
+    let gone = host()
+        .run(&["test", "-e", &pod.log_dir], b"", TIMEOUT)
+        .unwrap();
+    assert_eq!(gone.status, ExitStatus::Code(1));
+}
