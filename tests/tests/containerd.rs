@@ -11,7 +11,9 @@
 
 use std::time::Duration;
 
-use microvm_tests::containerd::{Containerd, Options, IMAGE, RUNC_HANDLER, RUNC_RUNTIME, TIMEOUT};
+use microvm_tests::containerd::{
+    Containerd, Options, IMAGE, KATA_HANDLER, KATA_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME, TIMEOUT,
+};
 use microvm_tests::{vm_host, ExitStatus, VmHost};
 use serde_json::Value;
 
@@ -57,6 +59,55 @@ fn text(value: &Value) -> &str {
     value.as_str().unwrap_or_default()
 }
 
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// Whether `runtime` (a runtime name or CRI handler) runs its containers in
+/// a VM of their own, so they see a kernel other than the host's.
+fn in_a_vm(runtime: &str) -> bool {
+    runtime == KATA_RUNTIME || runtime == KATA_HANDLER
+}
+
+/// Checks that `boot_id`, read inside a container, is the host kernel's
+/// for runc and another kernel's for kata.
+fn assert_kernel(cd: &Containerd, runtime: &str, boot_id: &str) {
+    let host_boot_id = cd.read_file(BOOT_ID).unwrap();
+    let host_boot_id = host_boot_id.trim();
+    assert_eq!(boot_id.len(), 36, "not a boot id: {boot_id:?}");
+    if in_a_vm(runtime) {
+        assert_ne!(boot_id, host_boot_id, "{runtime} ran on the host's kernel");
+    } else {
+        assert_eq!(boot_id, host_boot_id, "{runtime} ran on another kernel");
+    }
+}
+
+/// Polls `ctr task ls` until `id`'s task is stopped or gone: its state then.
+fn wait_task_ended(cd: &Containerd, id: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..1200 {
+        last = task_state(cd, id);
+        if last == "STOPPED" || last == "absent" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    last
+}
+
+/// `id`'s task state in `ctr task ls` (`absent` if it has none).
+fn task_state(cd: &Containerd, id: &str) -> String {
+    task_field(cd, id, 2).unwrap_or_else(|| "absent".into())
+}
+
+/// Column `n` of `id`'s line in `ctr task ls` (TASK PID STATUS).
+fn task_field(cd: &Containerd, id: &str, n: usize) -> Option<String> {
+    let tasks = cd.ctr_ok(&["task", "ls"]).unwrap();
+    tasks
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(n))
+        .map(String::from)
+}
+
 /// `ctr run --rm` passes the container's output and exit code through.
 fn ctr_run_exit_code(runtime: &str) {
     let cd = containerd(runtime);
@@ -71,7 +122,7 @@ fn ctr_run_exit_code(runtime: &str) {
             &id,
             "sh",
             "-c",
-            "echo hi; exit 3",
+            &format!("echo hi; cat {BOOT_ID} >&2; exit 3"),
         ])
         .unwrap();
     assert_eq!(
@@ -81,11 +132,12 @@ fn ctr_run_exit_code(runtime: &str) {
         out.stderr_text(),
         cd.log_tail()
     );
+    assert_kernel(&cd, runtime, out.stderr_text().trim());
     assert_nothing_left(cd);
 }
 
-/// The task API through ctr on a detached task: exec, ps, pause and
-/// resume, metrics, kill, delete.
+/// The task API through ctr on a detached task: exec (with and without a
+/// TTY), ps, pause and resume, metrics, kill with SIGTERM, delete.
 fn ctr_task_lifecycle(runtime: &str) {
     let cd = containerd(runtime);
     let id = cd.id("task");
@@ -96,19 +148,12 @@ fn ctr_task_lifecycle(runtime: &str) {
         runtime,
         IMAGE,
         &id,
-        "sleep",
-        "100000",
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; sleep 100000 & wait",
     ])
     .unwrap();
-    let state = |cd: &Containerd| -> String {
-        let tasks = cd.ctr_ok(&["task", "ls"]).unwrap();
-        tasks
-            .lines()
-            .find(|l| l.starts_with(&id))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .unwrap_or("absent")
-            .to_string()
-    };
+    let state = |cd: &Containerd| task_state(cd, &id);
     assert_eq!(state(&cd), "RUNNING");
 
     let exec = cd
@@ -130,8 +175,30 @@ fn ctr_task_lifecycle(runtime: &str) {
         "{exec_out}"
     );
 
+    // ctr wants a terminal for --tty: script(1) gives it one.
+    let tty = cd
+        .sh(
+            &format!(
+                r#"script -qec "$CTR task exec --tty --exec-id tty {id} sh -c 'tty; stty size; exit 6'" /dev/null"#
+            ),
+            b"",
+            TIMEOUT,
+        )
+        .unwrap();
+    let tty_out = tty.stdout_text();
+    assert_eq!(
+        tty.status,
+        ExitStatus::Code(6),
+        "{tty_out}{}",
+        tty.stderr_text()
+    );
+    assert!(
+        tty_out.contains("/dev/pts/"),
+        "no terminal in the exec: {tty_out}"
+    );
+
     let ps = cd.ctr_ok(&["task", "ps", &id]).unwrap();
-    assert_eq!(ps.lines().count(), 2, "one process: {ps}");
+    assert_eq!(ps.lines().count(), 3, "sh and sleep: {ps}");
 
     cd.ctr_ok(&["task", "pause", &id]).unwrap();
     assert_eq!(state(&cd), "PAUSED");
@@ -141,20 +208,128 @@ fn ctr_task_lifecycle(runtime: &str) {
     let metrics = cd.ctr_ok(&["task", "metrics", &id]).unwrap();
     assert!(metrics.contains("pids.current"), "{metrics}");
 
-    cd.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]).unwrap();
-    let stopped = (0..600).any(|_| {
-        state(&cd) == "STOPPED" || {
-            std::thread::sleep(Duration::from_millis(100));
-            false
-        }
-    });
-    assert!(
-        stopped,
-        "the task did not stop after SIGKILL: {}",
-        state(&cd)
+    // The container's shell traps SIGTERM and exits.
+    cd.ctr_ok(&["task", "kill", "-s", "SIGTERM", &id]).unwrap();
+    assert_eq!(
+        wait_task_ended(&cd, &id),
+        "STOPPED",
+        "the task did not stop after SIGTERM"
     );
     cd.ctr_ok(&["task", "rm", &id]).unwrap();
     cd.ctr_ok(&["container", "rm", &id]).unwrap();
+    assert_nothing_left(cd);
+}
+
+/// SIGKILL to the task's host process (for runc the container's process,
+/// for kata the pod's VMM): containerd sees the task exit, with a non-zero
+/// status, and deleting it leaves nothing behind.
+fn killed_task_process(runtime: &str) {
+    let cd = containerd(runtime);
+    let id = cd.id("killed");
+    cd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        IMAGE,
+        &id,
+        "sleep",
+        "100000",
+    ])
+    .unwrap();
+    let pid = task_field(&cd, &id, 1).expect("the task's pid");
+    let killed = cd
+        .sh(
+            &format!(
+                "cat /proc/{pid}/comm; kill -KILL {pid}; s=$(date +%s%N); \
+                 $CTR task wait {id}; echo \"status $?\"; \
+                 echo \"waited ms $(( ($(date +%s%N) - s) / 1000000 ))\""
+            ),
+            b"",
+            TIMEOUT,
+        )
+        .unwrap();
+    let text = killed.stdout_text();
+    eprintln!("{runtime}: SIGKILL to pid {pid}: {text}");
+    let status: i32 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("status "))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no exit status: {text}{}", killed.stderr_text()));
+    assert_ne!(status, 0, "{text}");
+    if in_a_vm(runtime) {
+        assert!(
+            text.starts_with("microvm-vmm"),
+            "the task's pid is not the VMM: {text}"
+        );
+    }
+    assert_eq!(task_state(&cd, &id), "STOPPED");
+    cd.ctr_ok(&["task", "rm", &id]).unwrap();
+    cd.ctr_ok(&["container", "rm", &id]).unwrap();
+    assert_nothing_left(cd);
+}
+
+/// SIGKILL to the task's shim: containerd cleans up with the shim's
+/// `delete`, the task ends, and the container then goes without leftovers.
+fn killed_shim(runtime: &str) {
+    let cd = containerd(runtime);
+    let id = cd.id("shimkill");
+    cd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        IMAGE,
+        &id,
+        "sleep",
+        "100000",
+    ])
+    .unwrap();
+    let shim = if in_a_vm(runtime) {
+        "containerd-shim-kata-v2"
+    } else {
+        "containerd-shim-runc-v2"
+    };
+    let killed = cd
+        .sh(
+            &format!(
+                "for p in $(pgrep -f '^[^ ]*{shim} .*-namespace '$NS' '); do \
+                     grep -qa -- {id} /proc/$p/cmdline && kill -KILL $p && echo killed $p; \
+                 done"
+            ),
+            b"",
+            TIMEOUT,
+        )
+        .unwrap();
+    assert!(
+        killed.stdout_text().contains("killed"),
+        "no shim of {id} found: {}{}",
+        killed.stdout_text(),
+        killed.stderr_text()
+    );
+    let ended = wait_task_ended(&cd, &id);
+    assert!(
+        ended == "STOPPED" || ended == "absent",
+        "the task is still {ended}"
+    );
+    if ended == "STOPPED" {
+        cd.ctr_ok(&["task", "rm", &id]).unwrap();
+    }
+    cd.ctr_ok(&["container", "rm", &id]).unwrap();
+    if !in_a_vm(runtime) {
+        // runc's shim leaves its socket when killed and containerd 1.6
+        // does not remove it (ours removes it in `delete`): the control
+        // cleans up after runc, so as not to count it against others.
+        cd.sh(
+            &format!(
+                r#"s=/run/containerd/s/$(printf %s "$S/$NS/{id}" | sha256sum | cut -d' ' -f1)
+                   [ -S "$s" ] && ! grep -q " $s\$" /proc/net/unix && rm "$s""#
+            ),
+            b"",
+            TIMEOUT,
+        )
+        .unwrap();
+    }
     assert_nothing_left(cd);
 }
 
@@ -178,7 +353,11 @@ fn cri_pod_with_two_containers(handler: &str) {
             &pod,
             "writer",
             &[],
-            &["sh", "-c", "echo out-line; echo err-line >&2; exit 7"],
+            &[
+                "sh",
+                "-c",
+                &format!("echo out-line; echo err-line >&2; echo boot $(cat {BOOT_ID}); exit 7"),
+            ],
         )
         .unwrap();
     let sleeper = cd
@@ -212,6 +391,13 @@ fn cri_pod_with_two_containers(handler: &str) {
             && lines.contains(&vec!["stderr", "F", "err-line"]),
         "{log}"
     );
+    let writer_boot_id = lines
+        .iter()
+        .find_map(|l| match l.as_slice() {
+            ["stdout", "F", "boot", id] => Some(id.to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no boot id in the log: {log}"));
 
     let running = cd.cri(&["status", &sleeper]).unwrap();
     assert_eq!(
@@ -238,6 +424,17 @@ fn cri_pod_with_two_containers(handler: &str) {
         (&Value::from(5), "hello\n", "e\n"),
         "{exec}"
     );
+    // One kernel for the pod: the writer's and the sleeper's.
+    let boot = cd
+        .cri(&["exec-sync", &sleeper, "--", "cat", BOOT_ID])
+        .unwrap();
+    let sleeper_boot_id = text(&boot["stdout"]).trim();
+    assert_eq!(
+        sleeper_boot_id, writer_boot_id,
+        "the pod's containers are on two kernels"
+    );
+    assert_kernel(&cd, handler, sleeper_boot_id);
+
     let stats = cd.cri(&["stats", &sleeper]).unwrap();
     assert_eq!(
         text(&stats["stats"]["attributes"]["id"]),
@@ -288,8 +485,18 @@ fn ctr_run_passes_output_and_exit_code_runc() {
 }
 
 #[test]
+fn ctr_run_passes_output_and_exit_code_kata() {
+    ctr_run_exit_code(KATA_RUNTIME);
+}
+
+#[test]
 fn ctr_task_exec_ps_pause_resume_metrics_kill_runc() {
     ctr_task_lifecycle(RUNC_RUNTIME);
+}
+
+#[test]
+fn ctr_task_exec_ps_pause_resume_metrics_kill_kata() {
+    ctr_task_lifecycle(KATA_RUNTIME);
 }
 
 #[test]
@@ -297,13 +504,30 @@ fn cri_pod_with_two_containers_runc() {
     cri_pod_with_two_containers(RUNC_HANDLER);
 }
 
-// Our shim runs the same bodies, one line each:
-//     #[test]
-//     fn ctr_run_passes_output_and_exit_code_kata() {
-//         ctr_run_exit_code(KATA_RUNTIME);
-//     }
-// and likewise ctr_task_lifecycle(KATA_RUNTIME) and
-// cri_pod_with_two_containers(KATA_HANDLER).
+#[test]
+fn cri_pod_with_two_containers_kata() {
+    cri_pod_with_two_containers(KATA_HANDLER);
+}
+
+#[test]
+fn sigkill_to_the_task_process_ends_the_task_runc() {
+    killed_task_process(RUNC_RUNTIME);
+}
+
+#[test]
+fn sigkill_to_the_vmm_ends_the_task_kata() {
+    killed_task_process(KATA_RUNTIME);
+}
+
+#[test]
+fn sigkill_to_the_shim_is_cleaned_up_runc() {
+    killed_shim(RUNC_RUNTIME);
+}
+
+#[test]
+fn sigkill_to_the_shim_is_cleaned_up_kata() {
+    killed_shim(KATA_RUNTIME);
+}
 
 /// The harness itself: what a test leaves running is reported, with its
 /// shim, mounts and cgroup, and the teardown still removes it all.

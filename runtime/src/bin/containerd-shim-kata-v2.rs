@@ -38,8 +38,7 @@ fn main() {
             containerd_shim::run::<service::KataShim>(RUNTIME_ID, Some(config));
         }
         _ => {
-            if let Err(e) = serve::serve(&flags) {
-                eprintln!("{RUNTIME_ID}: {e:#}");
+            if serve::serve(&flags).is_err() {
                 std::process::exit(1);
             }
         }

@@ -20,7 +20,18 @@ const TASK_V3: &str = "/containerd.task.v3.Task/";
 const TASK_V2: &str = "/containerd.task.v2.Task/";
 
 /// Serves the task API on `flags.socket` until the shim is told to exit.
+/// Until it serves, what it writes to stderr goes to `start` (its stdout
+/// pipe), which passes it on to containerd when the shim fails to come up.
 pub fn serve(flags: &Flags) -> Result<()> {
+    let stderr = StartupStderr::redirect();
+    let result = serve_with(flags, stderr);
+    if let Err(e) = &result {
+        eprintln!("{RUNTIME_ID}: {e:#}");
+    }
+    result
+}
+
+fn serve_with(flags: &Flags, stderr: StartupStderr) -> Result<()> {
     if flags.socket.is_empty() {
         bail!("no -socket to serve on");
     }
@@ -44,13 +55,17 @@ pub fn serve(flags: &Flags) -> Result<()> {
     }
 
     let path = flags.socket.trim_start_matches("unix://");
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the shim socket directory {}", dir.display()))?;
+    }
     let listener = match UnixListener::bind(path) {
         Ok(listener) => listener,
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             if UnixStream::connect(path).is_ok() {
                 // The pod's shim serves already: `start` reads its address.
                 containerd_shim::util::write_address(&flags.socket)?;
-                release_start();
+                stderr.release_start();
                 return Ok(());
             }
             std::fs::remove_file(path).with_context(|| format!("removing stale socket {path}"))?;
@@ -67,7 +82,7 @@ pub fn serve(flags: &Flags) -> Result<()> {
         .set_thread_count_default(8)
         .set_thread_count_max(512);
     server.start().context("starting the task API server")?;
-    release_start();
+    stderr.release_start();
     tracing::info!("shim serving on {}", flags.socket);
     ignore_termination_signals();
     shim.wait();
@@ -76,11 +91,37 @@ pub fn serve(flags: &Flags) -> Result<()> {
     Ok(())
 }
 
-/// `start` reads our stdout until it closes: point it at stderr instead.
-fn release_start() {
-    // SAFETY: dup2 on our own standard descriptors.
-    unsafe {
-        libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
+/// The shim's stderr while it comes up: `start` reads our stdout (a pipe)
+/// until it closes and copies it to its own stderr, which containerd shows
+/// when `start` fails; the stderr we were given (`/dev/null`) is kept aside.
+struct StartupStderr {
+    given: libc::c_int,
+}
+
+impl StartupStderr {
+    /// Points stderr at the `start` pipe.
+    fn redirect() -> StartupStderr {
+        // SAFETY: dup and dup2 on our own standard descriptors.
+        let given = unsafe { libc::dup(libc::STDERR_FILENO) };
+        if given >= 0 {
+            // SAFETY: as above.
+            unsafe { libc::dup2(libc::STDOUT_FILENO, libc::STDERR_FILENO) };
+        }
+        StartupStderr { given }
+    }
+
+    /// Serving: points stdout and stderr back at the given stderr, which
+    /// closes the pipe and so ends `start`.
+    fn release_start(self) {
+        if self.given < 0 {
+            return;
+        }
+        // SAFETY: dup2 and close on descriptors we own.
+        unsafe {
+            libc::dup2(self.given, libc::STDOUT_FILENO);
+            libc::dup2(self.given, libc::STDERR_FILENO);
+            libc::close(self.given);
+        }
     }
 }
 

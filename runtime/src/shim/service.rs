@@ -31,6 +31,8 @@ use crate::sandbox::remove_state;
 pub struct KataShim {
     namespace: String,
     id: String,
+    /// containerd's address: the shim sockets' names derive from it.
+    address: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -41,6 +43,7 @@ impl containerd_shim::Shim for KataShim {
         KataShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
+            address: args.address.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -59,6 +62,11 @@ impl containerd_shim::Shim for KataShim {
         mounts::unmount_and_remove(&dir.join("shared").join(&self.id));
         if pod_id == self.id {
             remove_state(&dir);
+            remove_dead_socket(&containerd_shim::socket_address(
+                &self.address,
+                &self.namespace,
+                &pod_id,
+            ));
         }
         Ok(api::DeleteResponse {
             exit_status: 128 + libc::SIGKILL as u32,
@@ -84,6 +92,22 @@ impl containerd_shim::Shim for KataShim {
     }
 }
 
+/// Removes a dead shim's socket (a killed shim leaves it), unless a shim
+/// listens on it.
+fn remove_dead_socket(address: &str) {
+    let path = address.trim_start_matches("unix://");
+    let refused = matches!(
+        std::os::unix::net::UnixStream::connect(path),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    );
+    if refused {
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!("removed the dead shim's socket {path}"),
+            Err(e) => tracing::warn!("removing the dead shim's socket {path}: {e}"),
+        }
+    }
+}
+
 /// containerd's `start`: spawns the pod's long-lived shim, or finds it
 /// serving already, on a socket derived from the pod's id; writes and
 /// returns its address.
@@ -92,7 +116,15 @@ pub fn start_pod_shim(opts: StartOpts) -> containerd_shim::Result<String> {
     let pod_id = spec::read(Path::new("."))
         .map(|s| spec::pod_id(&s, &opts.id))
         .unwrap_or_else(|_| opts.id.clone());
-    let (_, address) = containerd_shim::spawn(opts, &pod_id, Vec::new())?;
+    // Returns when the shim serves, or failed (its errors went to our
+    // stderr, which containerd reports).
+    let (pid, address) = containerd_shim::spawn(opts, &pod_id, Vec::new())?;
+    let path = address.trim_start_matches("unix://");
+    if let Err(e) = std::os::unix::net::UnixStream::connect(path) {
+        return Err(containerd_shim::Error::Other(format!(
+            "the shim (pid {pid}) is not serving on {address}: {e}"
+        )));
+    }
     containerd_shim::util::write_address(&address)?;
     Ok(address)
 }
