@@ -45,6 +45,20 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// A ttrpc client on an already connected stream (e.g. after the hybrid
 /// vsock handshake). The client owns the socket from then on.
+/// A call context for agent calls that answer at once (create, start,
+/// signal, stats…): they fail after `seconds` rather than hang on a stuck
+/// guest.
+pub fn quick_call(seconds: u64) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(std::time::Duration::from_secs(seconds).as_nanos() as i64)
+}
+
+/// A call context without a deadline, for calls that wait on the guest's
+/// processes (wait, read stdout); a dead VM ends them by closing the
+/// connection.
+pub fn unbounded_call() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(0)
+}
+
 pub fn client_from_stream(stream: UnixStream) -> ttrpc::Result<ttrpc::Client> {
     ttrpc::Client::new(stream.into_raw_fd())
 }

@@ -171,6 +171,15 @@ impl SandboxConfig {
         kernel: Option<PathBuf>,
         initrd: Option<PathBuf>,
     ) -> Result<Self, AssetMissing> {
+        Self::with_assets(kernel, initrd, None)
+    }
+
+    /// The defaults, with the assets given looked up no further.
+    pub fn with_assets(
+        kernel: Option<PathBuf>,
+        initrd: Option<PathBuf>,
+        vmm: Option<PathBuf>,
+    ) -> Result<Self, AssetMissing> {
         let agent_timeout = std::env::var("MICROVM_AGENT_TIMEOUT")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -185,7 +194,10 @@ impl SandboxConfig {
                 Some(path) => path,
                 None => default_initrd()?,
             },
-            vmm: default_vmm()?,
+            vmm: match vmm {
+                Some(path) => path,
+                None => default_vmm()?,
+            },
             cpus: 1,
             memory_mib: 128,
             console: None,

@@ -28,10 +28,6 @@ use protocols::agent_ttrpc::AgentServiceClient;
 
 use crate::oci::{self, ContainerOptions};
 
-fn no_timeout() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(0)
-}
-
 fn rpc<T>(result: ttrpc::Result<T>) -> Result<T> {
     result.map_err(|e| anyhow::anyhow!(protocols::error_message(&e)))
 }
@@ -57,9 +53,9 @@ fn collect(client: &AgentServiceClient, container_id: &str, exec_id: &str, tty: 
             };
             thread::spawn(move || loop {
                 let chunk = if stderr {
-                    client.read_stderr(no_timeout(), &request)
+                    client.read_stderr(protocols::unbounded_call(), &request)
                 } else {
-                    client.read_stdout(no_timeout(), &request)
+                    client.read_stdout(protocols::unbounded_call(), &request)
                 };
                 match chunk {
                     Ok(chunk) if !chunk.data.is_empty() => {
@@ -127,7 +123,7 @@ impl Ctl {
     /// Prepares the sandbox (mounts the share `tag`, if any).
     pub fn create_sandbox(&self, tag: &str) -> Result<()> {
         rpc(self.client.create_sandbox(
-            no_timeout(),
+            protocols::unbounded_call(),
             &agent::CreateSandboxRequest {
                 shared_fs_tag: tag.to_string(),
                 ..Default::default()
@@ -176,7 +172,7 @@ impl Ctl {
                 };
                 let spec = oci::container_spec(&options, "rootfs");
                 let created = rpc(self.client.create_container(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::CreateContainerRequest {
                         container_id: id.clone(),
                         spec_json: serde_json::to_string(&spec)?,
@@ -192,7 +188,7 @@ impl Ctl {
             "start" => {
                 let id = id()?;
                 rpc(self.client.start_container(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::StartContainerRequest {
                         container_id: id.clone(),
                         ..Default::default()
@@ -217,7 +213,7 @@ impl Ctl {
                     process.set_user(u);
                 }
                 rpc(self.client.exec_in_container(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::ExecInContainerRequest {
                         container_id: id.clone(),
                         exec_id: exec_id.clone(),
@@ -242,7 +238,7 @@ impl Ctl {
                 let id = id()?;
                 let signal: u32 = arg(2)?.parse().context("kill takes a signal number")?;
                 rpc(self.client.signal_process(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::SignalProcessRequest {
                         container_id: id,
                         signal,
@@ -253,7 +249,7 @@ impl Ctl {
             }
             "pids" => {
                 let pids = rpc(self.client.list_pids(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::ListPidsRequest {
                         container_id: id()?,
                         ..Default::default()
@@ -264,7 +260,7 @@ impl Ctl {
             }
             "stats" => {
                 let stats = rpc(self.client.stats_container(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::StatsContainerRequest {
                         container_id: id()?,
                         ..Default::default()
@@ -279,7 +275,7 @@ impl Ctl {
             }
             "pause" => {
                 rpc(self.client.pause_container(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::PauseContainerRequest {
                         container_id: id()?,
                         ..Default::default()
@@ -289,7 +285,7 @@ impl Ctl {
             }
             "resume" => {
                 rpc(self.client.resume_container(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::ResumeContainerRequest {
                         container_id: id()?,
                         ..Default::default()
@@ -299,7 +295,7 @@ impl Ctl {
             }
             "update" => {
                 rpc(self.client.update_container(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::UpdateContainerRequest {
                         container_id: id()?,
                         resources_json: arg(2)?,
@@ -310,7 +306,7 @@ impl Ctl {
             }
             "resize" => {
                 rpc(self.client.resize_tty(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::ResizeTtyRequest {
                         container_id: id()?,
                         exec_id: arg(2)?,
@@ -323,7 +319,7 @@ impl Ctl {
             "rm" => {
                 let id = id()?;
                 rpc(self.client.remove_container(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::RemoveContainerRequest {
                         container_id: id.clone(),
                         ..Default::default()
@@ -342,7 +338,7 @@ impl Ctl {
 
     fn wait(&self, id: &str, exec_id: &str) -> Result<(u32, bool)> {
         let wait = rpc(self.client.wait_process(
-            no_timeout(),
+            protocols::unbounded_call(),
             &agent::WaitProcessRequest {
                 container_id: id.to_string(),
                 exec_id: exec_id.to_string(),
@@ -360,12 +356,11 @@ impl Ctl {
     /// Removes what is left and ends the agent (and with it the VM).
     pub fn shutdown(self) {
         let _ = self.client.destroy_sandbox(
-            ttrpc::context::with_timeout(Duration::from_secs(10).as_nanos() as i64),
+            protocols::quick_call(10),
             &agent::DestroySandboxRequest::default(),
         );
-        let _ = self.client.shutdown(
-            ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64),
-            &agent::ShutdownRequest::default(),
-        );
+        let _ = self
+            .client
+            .shutdown(protocols::quick_call(2), &agent::ShutdownRequest::default());
     }
 }

@@ -86,14 +86,6 @@ struct Target {
 
 const GUEST_EXEC_ID: &str = "cmd";
 
-fn no_timeout() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(0)
-}
-
-fn short_timeout() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(Duration::from_secs(10).as_nanos() as i64)
-}
-
 /// Watches the VMM process; when it ends, shuts the agent stream down so
 /// every pending agent call fails instead of waiting forever.
 fn watch_vmm(vmm_pid: u32, stream: UnixStream, done: Arc<AtomicBool>) {
@@ -163,7 +155,7 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
                 cwd: command.cwd.clone(),
                 ..Default::default()
             };
-            if let Err(e) = client.exec_process(no_timeout(), &request) {
+            if let Err(e) = client.exec_process(protocols::unbounded_call(), &request) {
                 return cannot_run(&e, &format!("starting {argv:?} in the guest"));
             }
             Target {
@@ -174,7 +166,7 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
         Launch::Container(container) => {
             client
                 .create_sandbox(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::CreateSandboxRequest {
                         shared_fs_tag: container.shared_fs_tag.clone(),
                         ..Default::default()
@@ -186,7 +178,7 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
             let spec_json = serde_json::to_string(&container.spec)?;
             client
                 .create_container(
-                    no_timeout(),
+                    protocols::unbounded_call(),
                     &agent::CreateContainerRequest {
                         container_id: container.id.clone(),
                         spec_json,
@@ -215,7 +207,7 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
     }
     if let Launch::Container(container) = launch {
         let started = client.start_container(
-            no_timeout(),
+            protocols::unbounded_call(),
             &agent::StartContainerRequest {
                 container_id: container.id.clone(),
                 ..Default::default()
@@ -232,7 +224,7 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
 
     let wait = client
         .wait_process(
-            no_timeout(),
+            protocols::unbounded_call(),
             &agent::WaitProcessRequest {
                 container_id: target.container_id.clone(),
                 exec_id: target.exec_id.clone(),
@@ -255,7 +247,10 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
     if let Launch::Container(container) = launch {
         remove_container(&client, &container.id);
     }
-    let _ = client.shutdown(short_timeout(), &agent::ShutdownRequest::default());
+    let _ = client.shutdown(
+        protocols::quick_call(10),
+        &agent::ShutdownRequest::default(),
+    );
     Ok(Outcome::Exited(code.min(255) as u8))
 }
 
@@ -264,7 +259,7 @@ fn remove_container(client: &AgentServiceClient, id: &str) {
         container_id: id.to_string(),
         ..Default::default()
     };
-    if let Err(e) = client.remove_container(short_timeout(), &request) {
+    if let Err(e) = client.remove_container(protocols::quick_call(10), &request) {
         tracing::warn!("removing container {id}: {}", protocols::error_message(&e));
     }
 }
@@ -289,9 +284,9 @@ fn pump_output(
         };
         loop {
             let chunk = if stderr {
-                client.read_stderr(no_timeout(), &request)
+                client.read_stderr(protocols::unbounded_call(), &request)
             } else {
-                client.read_stdout(no_timeout(), &request)
+                client.read_stdout(protocols::unbounded_call(), &request)
             }
             .map_err(|e| anyhow::anyhow!(protocols::error_message(&e)))?;
             if chunk.data.is_empty() {
@@ -322,7 +317,10 @@ fn pump_input(client: &AgentServiceClient, target: &Target) {
                 data: buf[..n].to_vec(),
                 ..Default::default()
             };
-            if client.write_stdin(no_timeout(), &request).is_err() {
+            if client
+                .write_stdin(protocols::unbounded_call(), &request)
+                .is_err()
+            {
                 return;
             }
         }
@@ -331,7 +329,7 @@ fn pump_input(client: &AgentServiceClient, target: &Target) {
             exec_id: target.exec_id.clone(),
             ..Default::default()
         };
-        let _ = client.close_stdin(no_timeout(), &request);
+        let _ = client.close_stdin(protocols::unbounded_call(), &request);
     });
 }
 
@@ -360,7 +358,7 @@ fn forward_signals(client: &AgentServiceClient, target: &Target, terminal: bool)
                 signal: signal as u32,
                 ..Default::default()
             };
-            let _ = client.signal_process(no_timeout(), &request);
+            let _ = client.signal_process(protocols::unbounded_call(), &request);
         }
     });
     Ok(())
@@ -385,7 +383,7 @@ fn resize(client: &AgentServiceClient, target: &Target) {
         cols: size.ws_col as u32,
         ..Default::default()
     };
-    let _ = client.resize_tty(short_timeout(), &request);
+    let _ = client.resize_tty(protocols::quick_call(10), &request);
 }
 
 /// Our terminal in raw mode while a TTY process runs; restored on drop.

@@ -6,6 +6,8 @@ pub mod config;
 pub mod ctl;
 pub mod guest_command;
 pub mod hybrid_vsock;
+pub mod install;
+pub mod mountinfo;
 pub mod oci;
 pub mod sandbox;
 pub mod shim;

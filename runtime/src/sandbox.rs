@@ -487,39 +487,10 @@ fn share_late_mounts(shared: &Path) -> Result<(), SandboxError> {
 pub fn remove_state(dir: &Path) {
     let shared = dir.join(SHARED_DIR);
     // Detaching the top mount takes every mount under it along.
-    while is_mount_point(&shared) {
+    while crate::mountinfo::is_mount_point(&shared) {
         if nix::mount::umount2(&shared, nix::mount::MntFlags::MNT_DETACH).is_err() {
             break;
         }
     }
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// Whether `path` is a mount point in our namespace (per /proc/self/mountinfo).
-pub fn is_mount_point(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let wanted = path.display().to_string();
-    info.lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|mount_point| unescape_mountinfo(mount_point) == wanted)
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut chars = field.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            let digits: String = chars.clone().take(3).collect();
-            if let Ok(code) = u8::from_str_radix(&digits, 8) {
-                out.push(code as char);
-                chars.nth(2);
-                continue;
-            }
-        }
-        out.push(c);
-    }
-    out
 }

@@ -1,9 +1,14 @@
-//! The shim's configuration file, found like Kata's: `$MICROVM_CONFIG`,
-//! else `/etc/microvm/configuration.toml` if it exists; without one the
+//! The shim's configuration file, found like Kata's: the runtime option
+//! `ConfigPath` (containerd's `[...runtimes.kata.options] ConfigPath = …`,
+//! or `ctr run --runtime-config-path`), else `$MICROVM_CONFIG`, else
+//! `/etc/microvm/configuration.toml` if it exists; without one the
 //! built-in defaults apply (1 vCPU, 256 MiB, assets from the build tree or
 //! /usr/share/microvm).
 //!
 //! ```toml
+//! [runtime]
+//! log_level = "info"      # the shim's log (containerd's log): error … trace
+//!
 //! [hypervisor]
 //! kernel = "/usr/share/microvm/vmlinux"
 //! initrd = "/usr/share/microvm/microvm-initramfs.cpio"
@@ -33,9 +38,17 @@ pub const DEFAULT_MEMORY_MIB: u32 = 256;
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     #[serde(default)]
+    pub runtime: Runtime,
+    #[serde(default)]
     pub hypervisor: Hypervisor,
     #[serde(default)]
     pub agent: Agent,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    pub log_level: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,8 +76,12 @@ pub fn load(path: &Path) -> Result<ConfigFile, String> {
     toml::from_str(&text).map_err(|e| format!("configuration {}: {e}", path.display()))
 }
 
-/// The configuration file in effect, if any.
-pub fn find() -> Option<PathBuf> {
+/// The configuration file in effect, if any: `option` (the runtime
+/// option `ConfigPath`) first.
+pub fn find(option: Option<&Path>) -> Option<PathBuf> {
+    if let Some(path) = option {
+        return Some(path.to_path_buf());
+    }
     if let Some(path) = std::env::var_os("MICROVM_CONFIG") {
         return Some(PathBuf::from(path));
     }
@@ -73,28 +90,61 @@ pub fn find() -> Option<PathBuf> {
         .then(|| PathBuf::from(DEFAULT_PATH))
 }
 
-/// `config` with the configuration file's settings applied.
-pub fn apply(mut config: SandboxConfig) -> Result<SandboxConfig, String> {
-    config.memory_mib = DEFAULT_MEMORY_MIB;
-    let Some(path) = find() else {
-        return Ok(config);
+/// The `ConfigPath` of containerd's runtime options
+/// (`runtimeoptions.v1.Options`: `type_url` = 1, `config_path` = 2), if
+/// `type_url` names them and it is set.
+pub fn config_path_option(type_url: &str, value: &[u8]) -> Result<Option<PathBuf>, String> {
+    if !type_url.ends_with("runtimeoptions.v1.Options") {
+        return Ok(None);
+    }
+    let mut input = protobuf::CodedInputStream::from_bytes(value);
+    let bad = |e: protobuf::Error| format!("runtime options ({type_url}): {e}");
+    let mut config_path = None;
+    while let Some(tag) = input.read_raw_tag_or_eof().map_err(bad)? {
+        if tag == (2 << 3) | 2 {
+            config_path = Some(input.read_string().map_err(bad)?);
+        } else {
+            let wire_type = protobuf::rt::WireType::new(tag & 7).ok_or_else(|| {
+                format!("runtime options ({type_url}): bad wire type in tag {tag}")
+            })?;
+            input.skip_field(wire_type).map_err(bad)?;
+        }
+    }
+    Ok(config_path.filter(|p| !p.is_empty()).map(PathBuf::from))
+}
+
+/// The pod's VM configuration: the configuration file's settings (the file
+/// `option` names, else the one [`find`] finds) over the defaults; sets the
+/// shim's log level.
+pub fn sandbox_config(option: Option<&Path>) -> Result<SandboxConfig, String> {
+    let file = match find(option) {
+        Some(path) => {
+            let file = load(&path)?;
+            if let Some(level) = &file.runtime.log_level {
+                let level: log::LevelFilter = level.parse().map_err(|_| {
+                    format!(
+                        "configuration {}: log_level {level:?} is not one of off, error, warn, info, debug, trace",
+                        path.display()
+                    )
+                })?;
+                log::set_max_level(level);
+            }
+            file
+        }
+        None => ConfigFile::default(),
     };
-    let file = load(&path)?;
     let h = file.hypervisor;
-    if let Some(kernel) = h.kernel {
-        config.kernel = kernel;
-    }
-    if let Some(initrd) = h.initrd {
-        config.initrd = initrd;
-    }
-    if let Some(vmm) = h.vmm {
-        config.vmm = vmm;
-    }
+    let mut config = SandboxConfig::with_assets(h.kernel, h.initrd, h.vmm).map_err(|e| {
+        format!(
+            "{e} (or set it in {})",
+            find(option)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+                .display()
+        )
+    })?;
+    config.memory_mib = h.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
     if let Some(vcpus) = h.vcpus {
         config.cpus = vcpus;
-    }
-    if let Some(memory) = h.memory_mib {
-        config.memory_mib = memory;
     }
     config.console = h.console.or(config.console);
     if let Some(params) = h.kernel_params {
@@ -121,5 +171,21 @@ mod tests {
         assert_eq!(file.agent.timeout_secs, Some(9));
         let err = toml::from_str::<ConfigFile>("[hypervisor]\nmemory = 1\n").unwrap_err();
         assert!(err.to_string().contains("memory"), "{err}");
+    }
+
+    #[test]
+    fn the_config_path_runtime_option_is_decoded() {
+        // type_url = "runtimeoptions.v1.Options", config_path = "/etc/m.toml"
+        let mut value = vec![0x0a, 25];
+        value.extend_from_slice(b"runtimeoptions.v1.Options");
+        value.extend_from_slice(&[0x12, 11]);
+        value.extend_from_slice(b"/etc/m.toml");
+        assert_eq!(
+            config_path_option("runtimeoptions.v1.Options", &value).unwrap(),
+            Some(PathBuf::from("/etc/m.toml"))
+        );
+        assert_eq!(config_path_option("runc.v1.Options", &value).unwrap(), None);
+        let err = config_path_option("runtimeoptions.v1.Options", &[0x12, 40, b'/']).unwrap_err();
+        assert!(err.contains("runtime options"), "{err}");
     }
 }

@@ -7,7 +7,10 @@
 //! 1. `ctr run --rm IMAGE ID /bin/true`, wall time of the whole ctr command;
 //! 2. CRI RunPodSandbox + CreateContainer + StartContainer until the
 //!    container runs (the `cri up` command's own clock; tearing the pod
-//!    down afterwards is not measured), and each step's median.
+//!    down afterwards is not measured), and each step's median;
+//! 3. SIGKILL to a running task's host process (runc: the container's
+//!    process; kata: the pod's VMM) until a waiting `ctr task wait`
+//!    returns: how soon containerd learns that the task died.
 //!
 //! `MICROVM_BENCH_RUNS` sets the number of runs (default 20), after one
 //! unmeasured warm-up run each.
@@ -40,6 +43,7 @@ type Samples = fn(&Column) -> Result<Vec<f64>>;
 struct Column {
     ctr_run: Result<Vec<f64>>,
     pod_up: Result<Vec<Value>>,
+    killed: Result<Vec<f64>>,
 }
 
 fn main() -> Result<()> {
@@ -88,6 +92,7 @@ fn main() -> Result<()> {
         columns.push(Some(Column {
             ctr_run: ctr_run_true(&cd, runtime.runtime, runs),
             pod_up: pod_up(&cd, runtime.handler, runs),
+            killed: kill_to_exit(&cd, runtime.runtime, runs),
         }));
     }
 
@@ -97,7 +102,7 @@ fn main() -> Result<()> {
         print!(" {:>26}", runtime.label);
     }
     println!();
-    let rows: [(&str, Samples); 5] = [
+    let rows: [(&str, Samples); 6] = [
         ("ctr run --rm IMAGE /bin/true", |c| clone_result(&c.ctr_run)),
         ("CRI pod up (runp + create + start)", |c| {
             field(c, "elapsed_ms")
@@ -105,6 +110,9 @@ fn main() -> Result<()> {
         ("  RunPodSandbox", |c| field(c, "runp_ms")),
         ("  CreateContainer", |c| field(c, "create_ms")),
         ("  StartContainer until running", |c| field(c, "start_ms")),
+        ("SIGKILL task process -> ctr task wait ends", |c| {
+            clone_result(&c.killed)
+        }),
     ];
     let mut errors = Vec::new();
     for (label, samples) in rows {
@@ -148,10 +156,32 @@ fn ctr_run_true(cd: &Containerd, runtime: &str, runs: usize) -> Result<Vec<f64>>
            b=$(date +%s%N); [ $i = 0 ] || echo took $((b - a)); done",
         id = cd.id(&format!("true-{}", runtime.replace('.', "-"))),
     );
-    let out = cd.sh(&script, b"", SCRIPT_TIMEOUT)?;
+    timed_script(cd, &script, "ctr run")
+}
+
+/// Seconds from SIGKILL to the task's host process until `ctr task wait`,
+/// already waiting, returns.
+fn kill_to_exit(cd: &Containerd, runtime: &str, runs: usize) -> Result<Vec<f64>> {
+    let script = format!(
+        "set -e; for i in $(seq 0 {runs}); do \
+           c={id}-$i; $CTR run -d --runtime {runtime} $IMAGE $c sleep 100000; \
+           pid=$($CTR task ls | awk -v c=$c '$1 == c {{print $2}}'); \
+           $CTR task wait $c >/dev/null & w=$!; sleep 1; \
+           a=$(date +%s%N); kill -KILL $pid; wait $w || true; b=$(date +%s%N); \
+           [ $i = 0 ] || echo took $((b - a)); \
+           $CTR task rm $c >/dev/null; $CTR container rm $c; done",
+        id = cd.id(&format!("kill-{}", runtime.replace('.', "-"))),
+    );
+    timed_script(cd, &script, "killing tasks")
+}
+
+/// Runs `script`, which prints `took NANOSECONDS` per measured run: the
+/// runs in seconds.
+fn timed_script(cd: &Containerd, script: &str, what: &str) -> Result<Vec<f64>> {
+    let out = cd.sh(script, b"", SCRIPT_TIMEOUT)?;
     if !out.status.success() {
         bail!(
-            "ctr run failed ({:?}): {}{}",
+            "{what} failed ({:?}): {}{}",
             out.status,
             out.stderr_text().trim(),
             cd.log_tail()

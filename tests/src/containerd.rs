@@ -67,6 +67,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// containerd logs at debug level (and passes shims `-debug`).
     pub debug: bool,
+    /// The kata runtime's option `ConfigPath`: our shim's configuration.
+    pub kata_config: Option<String>,
     /// How long containerd may take to answer after its start, and to stop.
     pub wait: Duration,
 }
@@ -78,6 +80,7 @@ impl Options {
             shim_dir: target_dir().join("debug"),
             env: Vec::new(),
             debug: false,
+            kata_config: None,
             wait: Duration::from_secs(120),
         }
     }
@@ -92,7 +95,7 @@ impl Options {
         let shim = self.shim_dir.join(KATA_SHIM);
         if !shim.is_file() {
             bail!(
-                "{} is missing: build it (cargo build -p runtime --bins, or scripts/build.sh)",
+                "{} is missing: build it (cargo build --workspace --bins, or scripts/setup.sh)",
                 shim.display()
             );
         }
@@ -143,7 +146,7 @@ impl<'h> Containerd<'h> {
             stopped: false,
             sandboxes: Vec::new(),
         };
-        let config = config_toml(&cd.dir, cd.options.debug);
+        let config = config_toml(&cd.dir, cd.options.debug, cd.options.kata_config.as_deref());
         let mut vars = cd.vars();
         vars.extend([
             (

@@ -24,13 +24,17 @@ fn host() -> &'static VmHost {
 /// A private containerd whose shims may take TCG's time; panics with the
 /// reason when it cannot start, or when `runtime` needs a shim not built.
 fn containerd(runtime: &str) -> Containerd<'static> {
-    let mut options = Options::new(env!("CARGO_BIN_EXE_cri"));
-    options
-        .env
-        .push(("MICROVM_AGENT_TIMEOUT".into(), "120".into()));
+    let options = Options::new(env!("CARGO_BIN_EXE_cri"));
     if let Err(e) = options.require_shim(runtime) {
         panic!("the {runtime} tests cannot run: {e:#}");
     }
+    containerd_with(options)
+}
+
+fn containerd_with(mut options: Options) -> Containerd<'static> {
+    options
+        .env
+        .push(("MICROVM_AGENT_TIMEOUT".into(), "120".into()));
     match Containerd::start(host(), options) {
         Ok(cd) => cd,
         Err(e) => panic!("containerd did not start: {e:#}"),
@@ -60,6 +64,11 @@ fn text(value: &Value) -> &str {
 }
 
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// Prints what a container sees of its pod: `boot <kernel boot id>` and
+/// `pod <its IPC and UTS namespaces> <hostname>`.
+const POD_PROBE: &str = "echo boot $(cat /proc/sys/kernel/random/boot_id); \
+    echo pod $(readlink /proc/self/ns/ipc /proc/self/ns/uts) $(hostname)";
 
 /// Whether `runtime` (a runtime name or CRI handler) runs its containers in
 /// a VM of their own, so they see a kernel other than the host's.
@@ -356,7 +365,7 @@ fn cri_pod_with_two_containers(handler: &str) {
             &[
                 "sh",
                 "-c",
-                &format!("echo out-line; echo err-line >&2; echo boot $(cat {BOOT_ID}); exit 7"),
+                &format!("echo out-line; echo err-line >&2; {POD_PROBE}; exit 7"),
             ],
         )
         .unwrap();
@@ -391,13 +400,14 @@ fn cri_pod_with_two_containers(handler: &str) {
             && lines.contains(&vec!["stderr", "F", "err-line"]),
         "{log}"
     );
-    let writer_boot_id = lines
+    // What the writer saw of its pod: kernel, namespaces, hostname.
+    let writer_probe: Vec<String> = lines
         .iter()
-        .find_map(|l| match l.as_slice() {
-            ["stdout", "F", "boot", id] => Some(id.to_string()),
-            _ => None,
+        .filter(|l| {
+            l.get(..2) == Some(&["stdout", "F"]) && matches!(l.get(2), Some(&"boot" | &"pod"))
         })
-        .unwrap_or_else(|| panic!("no boot id in the log: {log}"));
+        .map(|l| l[2..].join(" "))
+        .collect();
 
     let running = cd.cri(&["status", &sleeper]).unwrap();
     assert_eq!(
@@ -424,16 +434,19 @@ fn cri_pod_with_two_containers(handler: &str) {
         (&Value::from(5), "hello\n", "e\n"),
         "{exec}"
     );
-    // One kernel for the pod: the writer's and the sleeper's.
-    let boot = cd
-        .cri(&["exec-sync", &sleeper, "--", "cat", BOOT_ID])
+    // One kernel for the pod, and one IPC and UTS namespace (the sandbox's;
+    // on the node's network CRI leaves UTS to the node, or for kata to the
+    // guest), so one hostname: the writer's and the sleeper's.
+    let probe = cd
+        .cri(&["exec-sync", &sleeper, "--", "sh", "-c", POD_PROBE])
         .unwrap();
-    let sleeper_boot_id = text(&boot["stdout"]).trim();
+    let sleeper_probe: Vec<&str> = text(&probe["stdout"]).lines().collect();
     assert_eq!(
-        sleeper_boot_id, writer_boot_id,
-        "the pod's containers are on two kernels"
+        sleeper_probe, writer_probe,
+        "the pod's containers differ in kernel or IPC/UTS namespaces"
     );
-    assert_kernel(&cd, handler, sleeper_boot_id);
+    let boot_id = sleeper_probe[0].strip_prefix("boot ").unwrap_or_default();
+    assert_kernel(&cd, handler, boot_id);
 
     let stats = cd.cri(&["stats", &sleeper]).unwrap();
     assert_eq!(
@@ -527,6 +540,90 @@ fn sigkill_to_the_shim_is_cleaned_up_runc() {
 #[test]
 fn sigkill_to_the_shim_is_cleaned_up_kata() {
     killed_shim(KATA_RUNTIME);
+}
+
+/// Runs `argv` where VMs run; panics with its output unless it succeeds.
+fn run_ok(argv: &[&str]) {
+    let out = host().run(argv, b"", TIMEOUT).unwrap();
+    assert!(
+        out.status.success(),
+        "{argv:?}: {:?}\n{}{}",
+        out.status,
+        out.stdout_text(),
+        out.stderr_text()
+    );
+}
+
+/// `microvm install` into a directory: containerd, given the stanza's
+/// `ConfigPath` option and the installed shim, runs a kata pod with the
+/// installed kernel, initramfs and VMM and the configuration's memory.
+#[test]
+fn installed_runtime_runs_a_pod_with_its_configuration() {
+    let dir = format!("/run/microvm-install-{}", std::process::id());
+    let microvm = microvm_tests::workspace_binary("microvm").unwrap();
+    let config = format!("{dir}/etc/configuration.toml");
+    run_ok(&[
+        microvm.to_str().unwrap(),
+        "install",
+        "--bin-dir",
+        &format!("{dir}/bin"),
+        "--share-dir",
+        &format!("{dir}/share"),
+        "--config",
+        &config,
+        "--containerd-config",
+        &format!("{dir}/containerd.toml"),
+    ]);
+    run_ok(&[
+                "sh",
+                "-c",
+                &format!(
+                    "set -e; grep -q 'runtime_type = \"io.containerd.kata.v2\"' {dir}/containerd.toml; \
+                     grep -q 'ConfigPath = \"{config}\"' {dir}/containerd.toml; \
+                     sed -i -e 's/^memory_mib = .*/memory_mib = 192/' -e 's/^timeout_secs = .*/timeout_secs = 120/' {config}; \
+                     ls {dir}/bin {dir}/share"
+                ),
+            ]);
+
+    let mut options = Options::new(env!("CARGO_BIN_EXE_cri"));
+    options.shim_dir = format!("{dir}/bin").into();
+    options.kata_config = Some(config);
+    let cd = containerd_with(options);
+    let pod = cd.pod("installed", KATA_HANDLER);
+    let pod_id = cd.run_pod(&pod).unwrap();
+    let sleeper = cd
+        .create_container(&pod_id, &pod, "sleeper", &[], &["sleep", "100000"])
+        .unwrap();
+    cd.cri(&["start", &sleeper]).unwrap();
+    let meminfo = cd
+        .cri(&["exec-sync", &sleeper, "--", "cat", "/proc/meminfo"])
+        .unwrap();
+    let total_kib: u64 = text(&meminfo["stdout"])
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal: {meminfo}"));
+    // 192 MiB of guest memory, less what the kernel keeps for itself.
+    assert!(
+        (150 * 1024..=192 * 1024).contains(&total_kib),
+        "the guest has {total_kib} KiB, not the configured 192 MiB"
+    );
+    let shims = cd
+        .sh(
+            &format!("ps -eo args | grep -c '^{dir}/bin/containerd-shim-kata-v2' || true"),
+            b"",
+            TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!(
+        shims.stdout_text().trim(),
+        "1",
+        "the installed shim does not run the pod"
+    );
+    cd.cri(&["stopp", &pod_id]).unwrap();
+    cd.cri(&["rmp", &pod_id]).unwrap();
+    assert_nothing_left(cd);
+    host().run(&["rm", "-rf", &dir], b"", TIMEOUT).unwrap();
 }
 
 /// The harness itself: what a test leaves running is reported, with its

@@ -34,7 +34,9 @@ use runtime::sandbox::{Sandbox, SHARED_FS_TAG};
 const USAGE: &str = "usage: microvm run [--cpus N] [--memory MIB] [--kernel PATH] [--initrd PATH] \
 [--console FILE|-] [--kernel-cmdline EXTRA] [--rootfs DIR | --image PATH] [-e KEY=VALUE]... [-w DIR] \
 [-u UID[:GID]] [-t] [--read-only] [--hostname NAME] [--guest [--share HOSTDIR]] -- CMD [ARGS...]
-       microvm run [VM options] --bundle DIR";
+       microvm run [VM options] --bundle DIR
+       microvm ctl ... (see microvm ctl --help)
+       microvm install [--bin-dir DIR] [--share-dir DIR] [--config FILE] [--containerd-config FILE]";
 
 struct RunOptions {
     config: SandboxConfig,
@@ -429,6 +431,57 @@ fn ctl(args: &[String]) -> Result<u8> {
     result.map(|()| 0)
 }
 
+const INSTALL_USAGE: &str = "usage: microvm install [--bin-dir DIR (/usr/local/bin)] \
+[--share-dir DIR (/usr/share/microvm)] [--config FILE (/etc/microvm/configuration.toml)] \
+[--containerd-config FILE (append the kata runtime to it)]";
+
+/// `microvm install`: binaries on PATH, guest assets, configuration file,
+/// and containerd's runtime stanza (printed, or appended to its config).
+fn install(args: &[String]) -> anyhow::Result<u8> {
+    let mut paths = runtime::install::InstallPaths::default();
+    let mut args = args.iter();
+    while let Some(flag) = args.next() {
+        if flag == "-h" || flag == "--help" {
+            println!("{INSTALL_USAGE}");
+            return Ok(0);
+        }
+        let value = args
+            .next()
+            .map(PathBuf::from)
+            .with_context(|| format!("{flag} needs a value\n{INSTALL_USAGE}"))?;
+        match flag.as_str() {
+            "--bin-dir" => paths.bin_dir = value,
+            "--share-dir" => paths.share_dir = value,
+            "--config" => paths.config_file = value,
+            "--containerd-config" => paths.containerd_config = Some(value),
+            _ => anyhow::bail!("unknown option {flag}\n{INSTALL_USAGE}"),
+        }
+    }
+    let exe = std::env::current_exe().context("finding this program")?;
+    let from = exe.parent().context("this program's directory")?;
+    let report = runtime::install::install(from, &paths)?;
+    for path in &report.copied {
+        println!("installed {}", path.display());
+    }
+    if report.config_kept {
+        println!("kept the existing {}", paths.config_file.display());
+    } else {
+        println!("wrote {}", paths.config_file.display());
+    }
+    match (&paths.containerd_config, report.containerd_updated) {
+        (Some(file), true) => println!(
+            "added runtime kata to {} (restart containerd to use it)",
+            file.display()
+        ),
+        (Some(file), false) => println!("{} has runtime kata already", file.display()),
+        (None, _) => println!(
+            "\ncontainerd (version 2 configuration) runs microvm as runtime kata with:\n\n{}",
+            report.stanza
+        ),
+    }
+    Ok(0)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -441,6 +494,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("run") => parse_run(&args[1..]).and_then(run),
         Some("ctl") => ctl(&args[1..]),
+        Some("install") => install(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(0)

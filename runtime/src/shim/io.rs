@@ -105,9 +105,9 @@ fn spawn_output(
 ) -> JoinHandle<()> {
     std::thread::spawn(move || loop {
         let chunk = if stderr {
-            client.read_stderr(ttrpc::context::with_timeout(0), &request)
+            client.read_stderr(protocols::unbounded_call(), &request)
         } else {
-            client.read_stdout(ttrpc::context::with_timeout(0), &request)
+            client.read_stdout(protocols::unbounded_call(), &request)
         };
         match chunk {
             Ok(chunk) if !chunk.data.is_empty() => {
@@ -162,7 +162,7 @@ pub fn start_input(client: &AgentServiceClient, container_id: &str, exec_id: &st
                 ..Default::default()
             };
             if client
-                .write_stdin(ttrpc::context::with_timeout(0), &request)
+                .write_stdin(protocols::unbounded_call(), &request)
                 .is_err()
             {
                 return;
@@ -179,7 +179,7 @@ pub fn close_stdin(client: &AgentServiceClient, container_id: &str, exec_id: &st
         exec_id: exec_id.to_string(),
         ..Default::default()
     };
-    let _ = client.close_stdin(ttrpc::context::with_timeout(10_000_000_000), &request);
+    let _ = client.close_stdin(protocols::quick_call(10), &request);
 }
 
 /// Frees an input thread still waiting for a writer on the FIFO at

@@ -168,27 +168,11 @@ pub fn bind_into_share(source: &Path, target: &Path, read_only: bool) -> Result<
     mount_one("a bind mount of the spec", &spec, target)
 }
 
-/// Every mount point at or under `dir`, deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    let mut found: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    found.dedup();
-    found
-}
-
 /// Unmounts everything at or under `dir` (lazily: nothing in use blocks
 /// it) and removes `dir`.
 pub fn unmount_and_remove(dir: &Path) {
     for _ in 0..4 {
-        let found = mounts_under(dir);
+        let found = crate::mountinfo::mounts_under(dir);
         if found.is_empty() {
             break;
         }

@@ -76,14 +76,6 @@ fn agent_error(what: &str) -> impl Fn(ttrpc::Error) -> PodError + '_ {
     move |e| PodError::Agent(format!("{what}: {}", protocols::error_message(&e)))
 }
 
-fn short() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(Duration::from_secs(30).as_nanos() as i64)
-}
-
-fn forever() -> ttrpc::context::Context {
-    ttrpc::context::with_timeout(0)
-}
-
 /// A container of the pod.
 pub struct Container {
     pub id: String,
@@ -123,6 +115,9 @@ pub struct Pod {
     /// Dropping it ends the thread the VMM was started from.
     keeper: Mutex<Option<mpsc::Sender<()>>>,
     dead: AtomicBool,
+    /// The guest pid of the pod's sandbox container's init (the container
+    /// named like the pod), whose namespaces the others join.
+    sandbox_pid: Mutex<Option<u32>>,
 }
 
 /// Where the shim keeps pod `id` of `namespace`.
@@ -173,7 +168,7 @@ impl Pod {
         );
         client
             .create_sandbox(
-                short(),
+                protocols::quick_call(30),
                 &agent::CreateSandboxRequest {
                     sandbox_id: id.to_string(),
                     hostname: hostname.to_string(),
@@ -194,6 +189,7 @@ impl Pod {
             events,
             keeper: Mutex::new(Some(keeper_tx)),
             dead: AtomicBool::new(false),
+            sandbox_pid: Mutex::new(None),
         });
         watch_vm(Arc::downgrade(&pod));
         tracing::info!("pod {id}: VM up (VMM pid {})", pod.vmm_pid);
@@ -255,11 +251,13 @@ impl Pod {
         let created = (|| {
             mounts::mount_rootfs(rootfs, &bundle.join("rootfs"), &share.join("rootfs"))
                 .map_err(|e| PodError::Other(e.to_string()))?;
-            let spec = spec::for_guest(spec, id, &share)
+            let sandbox_pid = *self.sandbox_pid.lock().unwrap_or_else(|p| p.into_inner());
+            let spec = spec::for_guest(spec, id, &share, sandbox_pid)
                 .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
-            self.client
+            let created = self
+                .client
                 .create_container(
-                    forever(),
+                    protocols::unbounded_call(),
                     &agent::CreateContainerRequest {
                         container_id: id.to_string(),
                         spec_json: spec.to_string(),
@@ -268,6 +266,9 @@ impl Pod {
                     },
                 )
                 .map_err(agent_error("creating the container in the guest"))?;
+            if id == self.id {
+                *self.sandbox_pid.lock().unwrap_or_else(|p| p.into_inner()) = Some(created.pid);
+            }
             match io::start_output(&self.client, id, id, &stdio) {
                 Ok(output) => Ok(output),
                 Err(e) => {
@@ -324,7 +325,7 @@ impl Pod {
             })?;
             self.client
                 .start_container(
-                    forever(),
+                    protocols::unbounded_call(),
                     &agent::StartContainerRequest {
                         container_id: id.to_string(),
                         ..Default::default()
@@ -351,7 +352,7 @@ impl Pod {
         })?;
         self.client
             .exec_in_container(
-                forever(),
+                protocols::unbounded_call(),
                 &agent::ExecInContainerRequest {
                     container_id: id.to_string(),
                     exec_id: exec_id.to_string(),
@@ -421,7 +422,7 @@ impl Pod {
                 process.exec_id.clone()
             };
             let waited = client.wait_process(
-                forever(),
+                protocols::unbounded_call(),
                 &agent::WaitProcessRequest {
                     container_id: process.container_id.clone(),
                     exec_id: agent_exec_id,
@@ -479,7 +480,7 @@ impl Pod {
         }
         self.client
             .signal_process(
-                short(),
+                protocols::quick_call(30),
                 &agent::SignalProcessRequest {
                     container_id: id.to_string(),
                     exec_id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
@@ -545,7 +546,10 @@ impl Pod {
             container_id: id.to_string(),
             ..Default::default()
         };
-        if let Err(e) = self.client.remove_container(short(), &request) {
+        if let Err(e) = self
+            .client
+            .remove_container(protocols::quick_call(30), &request)
+        {
             tracing::warn!(
                 "removing {id} in the guest: {}",
                 protocols::error_message(&e)
@@ -558,7 +562,7 @@ impl Pod {
         if paused {
             self.client
                 .pause_container(
-                    short(),
+                    protocols::quick_call(30),
                     &agent::PauseContainerRequest {
                         container_id,
                         ..Default::default()
@@ -568,7 +572,7 @@ impl Pod {
         } else {
             self.client
                 .resume_container(
-                    short(),
+                    protocols::quick_call(30),
                     &agent::ResumeContainerRequest {
                         container_id,
                         ..Default::default()
@@ -611,10 +615,9 @@ impl Pod {
     /// VMM if needed, removes the pod's state.
     pub fn shut_down(&self) {
         if !self.is_dead() {
-            let _ = self.client.shutdown(
-                ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64),
-                &agent::ShutdownRequest::default(),
-            );
+            let _ = self
+                .client
+                .shutdown(protocols::quick_call(2), &agent::ShutdownRequest::default());
         }
         self.dead.store(true, Ordering::SeqCst);
         let _ = self.agent_stream.shutdown(std::net::Shutdown::Both);

@@ -24,7 +24,6 @@ use super::mounts::{self, MountSpec};
 use super::pod::{state_dir, Events, Pod, PodError};
 use super::process::timestamp;
 use super::spec;
-use crate::config::SandboxConfig;
 use crate::sandbox::remove_state;
 
 /// containerd's `Shim`: start, delete, and the task service.
@@ -170,7 +169,12 @@ impl TaskService {
     }
 
     /// The pod for a new container: booted by the first one.
-    fn pod_for(&self, id: &str, spec: &serde_json::Value) -> Result<Arc<Pod>, PodError> {
+    fn pod_for(
+        &self,
+        id: &str,
+        spec: &serde_json::Value,
+        config_path: Option<&Path>,
+    ) -> Result<Arc<Pod>, PodError> {
         let mut slot = self.pod.lock().unwrap_or_else(|p| p.into_inner());
         let pod_id = spec::pod_id(spec, id);
         if let Some(pod) = slot.as_ref() {
@@ -182,9 +186,8 @@ impl TaskService {
             }
             return Ok(pod.clone());
         }
-        let config =
-            SandboxConfig::with_defaults(None, None).map_err(|e| PodError::Other(e.to_string()))?;
-        let config = crate::shim_config::apply(config).map_err(PodError::Other)?;
+        let config = crate::shim_config::sandbox_config(config_path)
+            .map_err(PodError::FailedPrecondition)?;
         let hostname = spec["hostname"].as_str().unwrap_or_default();
         let pod = Pod::boot(
             &pod_id,
@@ -223,7 +226,12 @@ impl Task for TaskService {
         }
         let bundle = Path::new(&req.bundle);
         let spec = spec::read(bundle).map_err(|e| PodError::InvalidArgument(e.to_string()))?;
-        let pod = self.pod_for(&req.id, &spec)?;
+        let config_path = match req.options.as_ref() {
+            Some(any) => crate::shim_config::config_path_option(&any.type_url, &any.value)
+                .map_err(PodError::InvalidArgument)?,
+            None => None,
+        };
+        let pod = self.pod_for(&req.id, &spec, config_path.as_deref())?;
         let rootfs: Vec<MountSpec> = req
             .rootfs
             .iter()
@@ -351,7 +359,7 @@ impl Task for TaskService {
         let listed = pod
             .agent()
             .list_pids(
-                ttrpc::context::with_timeout(30_000_000_000),
+                protocols::quick_call(30),
                 &agent::ListPidsRequest {
                     container_id: req.id.clone(),
                     ..Default::default()
@@ -398,7 +406,7 @@ impl Task for TaskService {
         let pod = self.pod()?;
         pod.agent()
             .resize_tty(
-                ttrpc::context::with_timeout(10_000_000_000),
+                protocols::quick_call(10),
                 &agent::ResizeTtyRequest {
                     container_id: req.id.clone(),
                     exec_id: if req.exec_id.is_empty() {
@@ -443,7 +451,7 @@ impl Task for TaskService {
             .unwrap_or_else(|| "{}".into());
         pod.agent()
             .update_container(
-                ttrpc::context::with_timeout(30_000_000_000),
+                protocols::quick_call(30),
                 &agent::UpdateContainerRequest {
                     container_id: req.id.clone(),
                     resources_json,
@@ -468,7 +476,7 @@ impl Task for TaskService {
         let stats = pod
             .agent()
             .stats_container(
-                ttrpc::context::with_timeout(30_000_000_000),
+                protocols::quick_call(30),
                 &agent::StatsContainerRequest {
                     container_id: req.id.clone(),
                     ..Default::default()

@@ -58,7 +58,18 @@ pub fn is_cri_sandbox(spec: &Value) -> bool {
 /// Rewrites `spec` for the guest, bind-mounting the host paths it names
 /// under `share` (the container's directory in the pod's shared directory,
 /// `<shared>/<container id>`). The rootfs itself is `share/rootfs`.
-pub fn for_guest(mut spec: Value, container_id: &str, share: &Path) -> Result<Value, SpecError> {
+///
+/// Namespaces the spec joins by path (CRI: the pod sandbox's IPC, UTS and,
+/// with a shared process namespace, PID) join the same namespaces of the
+/// pod's sandbox container in the guest, whose init has guest pid
+/// `sandbox_pid`; other paths name host namespaces and are dropped (the
+/// container gets new ones).
+pub fn for_guest(
+    mut spec: Value,
+    container_id: &str,
+    share: &Path,
+    sandbox_pid: Option<u32>,
+) -> Result<Value, SpecError> {
     spec["root"]["path"] = json!("rootfs");
     if let Some(object) = spec.as_object_mut() {
         // Hooks name host binaries; they have no meaning in the guest.
@@ -78,13 +89,26 @@ pub fn for_guest(mut spec: Value, container_id: &str, share: &Path) -> Result<Va
         // network namespace. Paths name host processes' namespaces.
         namespaces.retain(|ns| ns["type"].as_str() != Some("network"));
         for ns in namespaces.iter_mut() {
-            if let Some(object) = ns.as_object_mut() {
-                object.remove("path");
+            let kind = ns["type"].as_str().unwrap_or_default().to_string();
+            let Some(object) = ns.as_object_mut() else {
+                continue;
+            };
+            match (object.contains_key("path"), sandbox_pid) {
+                (true, Some(pid)) if POD_SHARED_NAMESPACES.contains(&kind.as_str()) => {
+                    object.insert("path".into(), json!(format!("/proc/{pid}/ns/{kind}")));
+                }
+                _ => {
+                    object.remove("path");
+                }
             }
         }
     }
     Ok(spec)
 }
+
+/// Namespaces a pod's containers share with its sandbox in the guest (their
+/// OCI type is their /proc/PID/ns file name).
+const POD_SHARED_NAMESPACES: [&str; 3] = ["ipc", "uts", "pid"];
 
 fn is_bind(mount: &Value) -> bool {
     mount["type"].as_str() == Some("bind")
@@ -169,7 +193,7 @@ mod tests {
                 {"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"},
                 {"type": "ipc", "path": "/proc/42/ns/ipc"}]},
         });
-        let guest = for_guest(spec, "c1", Path::new("/nonexistent")).unwrap();
+        let guest = for_guest(spec.clone(), "c1", Path::new("/nonexistent"), None).unwrap();
         assert_eq!(guest["root"], json!({"path": "rootfs", "readonly": true}));
         assert!(guest.get("hooks").is_none());
         let mounts = guest["mounts"].as_array().unwrap();
@@ -179,13 +203,19 @@ mod tests {
             guest["linux"]["namespaces"],
             json!([{"type": "pid"}, {"type": "ipc"}])
         );
+        // In a pod: the sandbox's IPC namespace in the guest.
+        let guest = for_guest(spec, "c1", Path::new("/nonexistent"), Some(7)).unwrap();
+        assert_eq!(
+            guest["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "ipc", "path": "/proc/7/ns/ipc"}])
+        );
     }
 
     #[test]
     fn a_missing_bind_source_names_the_mount() {
         let spec = json!({"mounts": [
             {"destination": "/data", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]}]});
-        let err = for_guest(spec, "c1", Path::new("/nonexistent")).unwrap_err();
+        let err = for_guest(spec, "c1", Path::new("/nonexistent"), None).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("/data") && text.contains("/no/such/dir"),

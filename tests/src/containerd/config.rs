@@ -16,10 +16,18 @@ use crate::{artifact, target_dir};
 /// imported pause image, no AppArmor, a stream server on a free port,
 /// CNI configuration from `dir/cni` (empty: pods use the node's network),
 /// and the runtime handlers `runc` (io.containerd.runc.v2, the default) and
-/// `kata` (io.containerd.kata.v2).
-pub fn config_toml(dir: &Path, debug: bool) -> String {
+/// `kata` (io.containerd.kata.v2, with the runtime option `ConfigPath` =
+/// `kata_config` when given).
+pub fn config_toml(dir: &Path, debug: bool, kata_config: Option<&str>) -> String {
     let d = dir.display();
     let level = if debug { "debug" } else { "info" };
+    let kata_options = kata_config
+        .map(|path| {
+            format!(
+                "\n    [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.kata.options]\n      ConfigPath = \"{path}\"\n"
+            )
+        })
+        .unwrap_or_default();
     format!(
         r#"version = 2
 root = "{d}/root"
@@ -64,7 +72,7 @@ disabled_plugins = [
       runtime_type = "{KATA_RUNTIME}"
       pod_annotations = ["io.katacontainers.*"]
       privileged_without_host_devices = true
-
+{kata_options}
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{d}/cni"
@@ -165,7 +173,7 @@ mod tests {
 
     #[test]
     fn the_config_keeps_everything_in_the_instance_directory() {
-        let toml = config_toml(Path::new("/tmp/x"), false);
+        let toml = config_toml(Path::new("/tmp/x"), false, Some("/etc/m.toml"));
         for line in [
             "root = \"/tmp/x/root\"",
             "address = \"/tmp/x/containerd.sock\"",

@@ -131,13 +131,43 @@ pub fn ns_file(kind: LinuxNamespaceType) -> &'static str {
     }
 }
 
+/// Joins the spec's namespaces that name a path (a pod's containers join
+/// its sandbox's IPC and UTS namespaces this way), then creates the others.
 fn enter_new_namespaces(channel: &Channel, spec: &Spec) -> Result<(), ContainerError> {
-    let kinds: Vec<LinuxNamespaceType> = spec
+    let namespaces = spec
         .linux()
         .as_ref()
         .and_then(|linux| linux.namespaces().clone())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let mut to_join: Vec<_> = namespaces
         .iter()
+        .filter_map(|ns| Some((ns.typ(), ns.path().clone()?)))
+        .collect();
+    // The user namespace first: it grants the rights to join the others.
+    to_join.sort_by_key(|(kind, _)| *kind != LinuxNamespaceType::User);
+    for (kind, path) in &to_join {
+        let Some(flag) = clone_flag(*kind) else {
+            continue;
+        };
+        let file = fs::File::open(path).map_err(|e| {
+            setup_error(format!(
+                "opening the {kind:?} namespace {}: {e}",
+                path.display()
+            ))
+        })?;
+        setns(&file, flag).map_err(|e| {
+            setup_error(format!(
+                "joining the {kind:?} namespace {}: {e}",
+                path.display()
+            ))
+        })?;
+        if *kind == LinuxNamespaceType::User {
+            become_root()?;
+        }
+    }
+    let kinds: Vec<LinuxNamespaceType> = namespaces
+        .iter()
+        .filter(|ns| ns.path().is_none())
         .map(|ns| ns.typ())
         .collect();
     if kinds.contains(&LinuxNamespaceType::User) {
@@ -155,10 +185,7 @@ fn enter_new_namespaces(channel: &Channel, spec: &Spec) -> Result<(), ContainerE
             }
         }
         // Root of the new namespace from here on.
-        nix::unistd::setresgid(0.into(), 0.into(), 0.into())
-            .map_err(|e| setup_error(format!("setresgid(0) in the user namespace: {e}")))?;
-        nix::unistd::setresuid(0.into(), 0.into(), 0.into())
-            .map_err(|e| setup_error(format!("setresuid(0) in the user namespace: {e}")))?;
+        become_root()?;
     }
     let mut flags = CloneFlags::empty();
     for kind in kinds {
@@ -188,10 +215,15 @@ fn join_namespaces(init_pid: i32, kinds: &[LinuxNamespaceType]) -> Result<(), Co
             .map_err(|e| setup_error(format!("joining the {kind:?} namespace: {e}")))?;
     }
     if kinds.contains(&LinuxNamespaceType::User) {
-        nix::unistd::setresgid(0.into(), 0.into(), 0.into())
-            .map_err(|e| setup_error(format!("setresgid(0): {e}")))?;
-        nix::unistd::setresuid(0.into(), 0.into(), 0.into())
-            .map_err(|e| setup_error(format!("setresuid(0): {e}")))?;
+        become_root()?;
     }
     Ok(())
+}
+
+/// Root of the user namespace just entered.
+fn become_root() -> Result<(), ContainerError> {
+    nix::unistd::setresgid(0.into(), 0.into(), 0.into())
+        .map_err(|e| setup_error(format!("setresgid(0) in the user namespace: {e}")))?;
+    nix::unistd::setresuid(0.into(), 0.into(), 0.into())
+        .map_err(|e| setup_error(format!("setresuid(0) in the user namespace: {e}")))
 }
