@@ -48,7 +48,8 @@ build_all() {
 
     echo "== static guest binaries (microvm-agent, testhost-init, probe-init)"
     # An explicit --target keeps +crt-static away from build scripts and proc macros.
-    RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --release \
+    # Stripped: the guest unpacks the initramfs at every boot.
+    RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" cargo build --quiet --release \
         --target x86_64-unknown-linux-gnu \
         -p agent --bin microvm-agent \
         -p microvm-tests --bin testhost-init -p rootfs-builder --bin probe-init

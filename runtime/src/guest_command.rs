@@ -175,6 +175,7 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
                 .map_err(|e| {
                     anyhow::anyhow!("preparing the sandbox: {}", protocols::error_message(&e))
                 })?;
+            tracing::debug!("guest sandbox prepared");
             let spec_json = serde_json::to_string(&container.spec)?;
             client
                 .create_container(
@@ -189,6 +190,7 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
                 .map_err(|e| {
                     anyhow::anyhow!("creating the container: {}", protocols::error_message(&e))
                 })?;
+            tracing::debug!("container {} created", container.id);
             Target {
                 container_id: container.id.clone(),
                 exec_id: container.id.clone(),
@@ -218,6 +220,7 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
             remove_container(&client, &container.id);
             return outcome;
         }
+        tracing::debug!("container {} started", container.id);
     }
     pump_input(&client, &target);
     forward_signals(&client, &target, terminal)?;
@@ -232,6 +235,7 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
             },
         )
         .map_err(|e| anyhow::anyhow!("waiting for {argv:?}: {}", protocols::error_message(&e)))?;
+    tracing::debug!("{argv:?} exited");
     for pump in std::iter::once(stdout).chain(stderr) {
         pump.join()
             .map_err(|_| anyhow::anyhow!("output pump panicked"))??;

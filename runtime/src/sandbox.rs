@@ -304,6 +304,7 @@ impl Sandbox {
                 });
             }
         };
+        tracing::debug!("VMM started (pid {})", vmm.id());
         Ok(Sandbox {
             vmm,
             dir,
@@ -409,7 +410,10 @@ impl Sandbox {
                 return Err(death);
             }
             match hybrid_vsock::connect(&uds, AGENT_PORT, Duration::from_secs(5)) {
-                Ok(stream) => return Ok(stream),
+                Ok(stream) => {
+                    tracing::debug!("agent connected");
+                    return Ok(stream);
+                }
                 // Not listening yet, or the VMM has not created its socket yet.
                 Err(ConnectError::Refused { .. }) | Err(ConnectError::Socket { .. }) => {}
                 Err(other) => return Err(other.into()),
