@@ -173,6 +173,39 @@ pub fn setup() -> Result<(), InitError> {
     if let Err(e) = nix::unistd::sethostname("microvm") {
         tracing::warn!("setting the hostname: {e}");
     }
+    // A pod's containers share the guest's network namespace and reach
+    // each other on localhost.
+    if let Err(e) = bring_up_loopback() {
+        tracing::warn!("bringing up lo: {e}");
+    }
+    Ok(())
+}
+
+/// Sets `lo` up (SIOCGIFFLAGS / SIOCSIFFLAGS on a datagram socket).
+fn bring_up_loopback() -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket() takes no pointers; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: the ioctls read and write `request`, a valid ifreq.
+    unsafe {
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
     Ok(())
 }
 

@@ -49,6 +49,27 @@ fn echo_round_trip() {
     assert_eq!(out.stdout_text(), "hello from the guest\n");
 }
 
+/// The guest's loopback is up: a container reaches itself on localhost.
+#[test]
+fn localhost_works_in_the_container() {
+    let out = run(
+        &[],
+        &[
+            "sh",
+            "-c",
+            "mkdir /tmp/www; echo ping > /tmp/www/index.html; \
+             httpd -p 127.0.0.1:8080 -h /tmp/www && wget -qO- http://127.0.0.1:8080/index.html",
+        ],
+        b"",
+    );
+    assert_eq!(
+        (out.status, out.stdout_text().as_str()),
+        (ExitStatus::Code(0), "ping\n"),
+        "stderr: {}",
+        out.stderr_text()
+    );
+}
+
 #[test]
 fn exit_codes_pass_through() {
     // Exit 0 is covered by every other test.
