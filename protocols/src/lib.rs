@@ -59,6 +59,20 @@ pub fn unbounded_call() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(0)
 }
 
+/// The next chunk of a process's stdout or (`stderr`) stderr; waits for
+/// output, and answers an empty chunk at its end.
+pub fn read_output(
+    client: &agent_ttrpc::AgentServiceClient,
+    request: &agent::ReadStreamRequest,
+    stderr: bool,
+) -> ttrpc::Result<agent::ReadStreamResponse> {
+    if stderr {
+        client.read_stderr(unbounded_call(), request)
+    } else {
+        client.read_stdout(unbounded_call(), request)
+    }
+}
+
 pub fn client_from_stream(stream: UnixStream) -> ttrpc::Result<ttrpc::Client> {
     ttrpc::Client::new(stream.into_raw_fd())
 }

@@ -52,11 +52,7 @@ fn collect(client: &AgentServiceClient, container_id: &str, exec_id: &str, tty: 
                 ..Default::default()
             };
             thread::spawn(move || loop {
-                let chunk = if stderr {
-                    client.read_stderr(protocols::unbounded_call(), &request)
-                } else {
-                    client.read_stdout(protocols::unbounded_call(), &request)
-                };
+                let chunk = protocols::read_output(&client, &request, stderr);
                 match chunk {
                     Ok(chunk) if !chunk.data.is_empty() => {
                         output.lock().unwrap().extend_from_slice(&chunk.data)

@@ -287,12 +287,8 @@ fn pump_output(
             Box::new(std::io::stdout())
         };
         loop {
-            let chunk = if stderr {
-                client.read_stderr(protocols::unbounded_call(), &request)
-            } else {
-                client.read_stdout(protocols::unbounded_call(), &request)
-            }
-            .map_err(|e| anyhow::anyhow!(protocols::error_message(&e)))?;
+            let chunk = protocols::read_output(&client, &request, stderr)
+                .map_err(|e| anyhow::anyhow!(protocols::error_message(&e)))?;
             if chunk.data.is_empty() {
                 return Ok(());
             }

@@ -229,23 +229,28 @@ fn ctr_task_lifecycle(runtime: &str) {
     assert_nothing_left(cd);
 }
 
-/// SIGKILL to the task's host process (for runc the container's process,
-/// for kata the pod's VMM): containerd sees the task exit, with a non-zero
-/// status, and deleting it leaves nothing behind.
-fn killed_task_process(runtime: &str) {
-    let cd = containerd(runtime);
-    let id = cd.id("killed");
+/// `ctr run -d` of a `sleep` task `id` with `runtime`.
+fn run_sleeper(cd: &Containerd, runtime: &str, id: &str) {
     cd.ctr_ok(&[
         "run",
         "-d",
         "--runtime",
         runtime,
         IMAGE,
-        &id,
+        id,
         "sleep",
         "100000",
     ])
     .unwrap();
+}
+
+/// SIGKILL to the task's host process (for runc the container's process,
+/// for kata the pod's VMM): containerd sees the task exit, with a non-zero
+/// status, and deleting it leaves nothing behind.
+fn killed_task_process(runtime: &str) {
+    let cd = containerd(runtime);
+    let id = cd.id("killed");
+    run_sleeper(&cd, runtime, &id);
     let pid = task_field(&cd, &id, 1).expect("the task's pid");
     let killed = cd
         .sh(
@@ -283,17 +288,7 @@ fn killed_task_process(runtime: &str) {
 fn killed_shim(runtime: &str) {
     let cd = containerd(runtime);
     let id = cd.id("shimkill");
-    cd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        runtime,
-        IMAGE,
-        &id,
-        "sleep",
-        "100000",
-    ])
-    .unwrap();
+    run_sleeper(&cd, runtime, &id);
     let shim = if in_a_vm(runtime) {
         "containerd-shim-kata-v2"
     } else {

@@ -104,11 +104,7 @@ fn spawn_output(
     stderr: bool,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || loop {
-        let chunk = if stderr {
-            client.read_stderr(protocols::unbounded_call(), &request)
-        } else {
-            client.read_stdout(protocols::unbounded_call(), &request)
-        };
+        let chunk = protocols::read_output(&client, &request, stderr);
         match chunk {
             Ok(chunk) if !chunk.data.is_empty() => {
                 if let Some(file) = out.as_mut() {
