@@ -142,6 +142,10 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
             .map_err(|e| anyhow::anyhow!("agent connection: {e}"))?,
     );
     let argv = launch.argv();
+    let terminal = launch.terminal();
+    // Caught from before the process exists, so that a signal arriving while
+    // it starts is forwarded once it runs rather than killing us.
+    let signals = catch_signals(terminal)?;
     let target = match launch {
         Launch::Guest(command) => {
             let request = agent::ExecProcessRequest {
@@ -198,7 +202,6 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
         }
     };
 
-    let terminal = launch.terminal();
     let _raw = if terminal { RawTerminal::enter() } else { None };
     let stdout = pump_output(&client, &target, false);
     let stderr = (!terminal).then(|| pump_output(&client, &target, true));
@@ -223,7 +226,7 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
         tracing::debug!("container {} started", container.id);
     }
     pump_input(&client, &target);
-    forward_signals(&client, &target, terminal)?;
+    forward_signals(signals, &client, &target, terminal);
 
     let wait = client
         .wait_process(
@@ -333,17 +336,29 @@ fn pump_input(client: &AgentServiceClient, target: &Target) {
     });
 }
 
-/// Signals to this process go to the command; with a terminal, size
-/// changes (SIGWINCH) go to its pty.
-fn forward_signals(client: &AgentServiceClient, target: &Target, terminal: bool) -> Result<()> {
+/// The signals we forward to the command (and SIGWINCH with a terminal),
+/// caught and held until `forward_signals` delivers them.
+fn catch_signals(terminal: bool) -> Result<signal_hook::iterator::Signals> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
     let mut wanted = vec![SIGINT, SIGTERM, SIGHUP, SIGQUIT];
     if terminal {
         wanted.push(SIGWINCH);
+    }
+    signal_hook::iterator::Signals::new(&wanted).context("installing signal handlers")
+}
+
+/// Signals to this process go to the command; with a terminal, size
+/// changes (SIGWINCH) go to its pty.
+fn forward_signals(
+    mut signals: signal_hook::iterator::Signals,
+    client: &AgentServiceClient,
+    target: &Target,
+    terminal: bool,
+) {
+    use signal_hook::consts::SIGWINCH;
+    if terminal {
         resize(client, target);
     }
-    let mut signals =
-        signal_hook::iterator::Signals::new(&wanted).context("installing signal handlers")?;
     let client = client.clone();
     let target = target.clone();
     thread::spawn(move || {
@@ -361,7 +376,6 @@ fn forward_signals(client: &AgentServiceClient, target: &Target, terminal: bool)
             let _ = client.signal_process(protocols::unbounded_call(), &request);
         }
     });
-    Ok(())
 }
 
 /// Gives the process's pty our terminal's size.
