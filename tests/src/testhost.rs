@@ -62,6 +62,14 @@ const MODULES: &[&str] = &[
     "tun",
     "vhost_net",
     "vhost_vsock",
+    // Pod networking: CNI's bridge plugin and veth pairs, the tc redirects
+    // between a pod's veth and its VM's tap, dummy links for unit tests.
+    "veth",
+    "bridge",
+    "dummy",
+    "sch_ingress",
+    "cls_u32",
+    "act_mirred",
 ];
 
 #[derive(Debug, thiserror::Error)]
