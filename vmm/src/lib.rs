@@ -5,7 +5,7 @@
 //! - [`boot`]: loading the kernel, initramfs, command line and zero page;
 //! - [`arch`]: the x86_64 boot state (registers, page tables, CPUID, MSRs, MP table);
 //! - [`vcpu`]: vCPU creation and run loops;
-//! - [`devices`]: serial console, i8042 (reset), virtio-mmio devices (vsock, fs);
+//! - [`devices`]: serial console, i8042 (reset), virtio-mmio devices (vsock, fs, net);
 //! - [`vm`]: building a VM from a [`vm::VmConfig`] and running it to its end.
 
 pub mod arch;
@@ -16,4 +16,5 @@ pub mod layout;
 pub mod vcpu;
 pub mod vm;
 
+pub use devices::virtio::net::{NetConfig, TapSource};
 pub use vm::{Console, FsConfig, VmConfig, VsockConfig};

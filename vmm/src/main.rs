@@ -4,7 +4,12 @@
 //! microvm-vmm --kernel VMLINUX [--initrd FILE] [--cpus N] [--memory MIB]
 //!             [--cmdline EXTRA] [--console off|stdout|FILE]
 //!             [--vsock-uds PATH [--guest-cid CID]] [--fs TAG=HOSTDIR]...
+//!             [--net fd=N|tap=NAME,mac=aa:bb:cc:dd:ee:ff[,mtu=M]]...
 //! ```
+//! `--net fd=N`: an inherited tap fd opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR
+//! (the VMM owns it from then on); `--net tap=NAME`: the VMM opens (creates if
+//! needed) tap NAME in its own network namespace. `mtu` (68 to 65535, default
+//! 1500) is the largest MTU the guest may use. One NIC per `--net`, eth0 first.
 //! Exits 0 when the guest resets or powers off, 1 on any error (printed on
 //! stderr as one line naming what was wrong).
 
@@ -14,12 +19,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use vmm::vcpu::VmExit;
 use vmm::vm::Vm;
-use vmm::{Console, VmConfig, VsockConfig};
+use vmm::{Console, NetConfig, VmConfig, VsockConfig};
 
 const USAGE: &str =
     "usage: microvm-vmm --kernel VMLINUX [--initrd FILE] [--cpus N] [--memory MIB] \
 [--cmdline EXTRA] [--console off|stdout|FILE] [--vsock-uds PATH [--guest-cid CID]] \
-[--fs TAG=HOSTDIR]...";
+[--fs TAG=HOSTDIR]... [--net fd=N|tap=NAME,mac=aa:bb:cc:dd:ee:ff[,mtu=M]]...";
 
 fn parse(args: &[String]) -> Result<VmConfig> {
     let mut kernel = None;
@@ -32,6 +37,7 @@ fn parse(args: &[String]) -> Result<VmConfig> {
         console: Console::Off,
         vsock: None,
         fs: Vec::new(),
+        net: Vec::new(),
     };
     let mut vsock_path = None;
     let mut guest_cid = 3;
@@ -69,6 +75,13 @@ fn parse(args: &[String]) -> Result<VmConfig> {
                     tag: tag.to_string(),
                     dir: PathBuf::from(dir),
                 });
+            }
+            "--net" => {
+                let value = value()?;
+                let nic = value
+                    .parse::<NetConfig>()
+                    .with_context(|| format!("--net {value}"))?;
+                config.net.push(nic);
             }
             "--guest-cid" => guest_cid = value()?.parse().context("--guest-cid takes a number")?,
             other => bail!("unknown argument {other:?}\n{USAGE}"),

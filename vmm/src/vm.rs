@@ -19,6 +19,7 @@ use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{Net, NetConfig, TapSource};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::kvm::{self, KvmError};
@@ -48,6 +49,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-fs shares: host directories the guest mounts by tag.
     pub fs: Vec<FsConfig>,
+    /// virtio-net NICs, each on a host tap (eth0, eth1, … in this order).
+    pub net: Vec<NetConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +94,14 @@ pub enum VmError {
         what: &'static str,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    // Not a `source`: the NIC's error is shown once, here.
+    #[error("virtio-net NIC {index}: {error}")]
+    Net {
+        index: usize,
+        error: crate::devices::virtio::net::NetError,
+    },
+    #[error("tap fd {0} is given to more than one NIC")]
+    DuplicateTapFd(i32),
     #[error("cannot open console file {path}: {source}")]
     ConsoleFile {
         path: PathBuf,
@@ -109,6 +120,19 @@ fn device_err<E: std::error::Error + Send + Sync + 'static>(
         what,
         source: Box::new(source),
     }
+}
+
+/// Each inherited tap fd is owned (and closed) by one device only.
+fn check_net_fds(nics: &[NetConfig]) -> Result<(), VmError> {
+    let mut seen = std::collections::HashSet::new();
+    for nic in nics {
+        if let TapSource::Fd(fd) = nic.tap {
+            if !seen.insert(fd) {
+                return Err(VmError::DuplicateTapFd(fd));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn create_memory(vm: &VmFd, memory_mib: u32) -> Result<GuestMemoryMmap, VmError> {
@@ -195,6 +219,14 @@ impl Vm {
             }
             .into());
         }
+        // So are bad taps: the NICs take their taps now.
+        check_net_fds(&config.net)?;
+        let nics = config
+            .net
+            .iter()
+            .enumerate()
+            .map(|(index, nic)| Net::new(nic).map_err(|error| VmError::Net { index, error }))
+            .collect::<Result<Vec<_>, _>>()?;
         let kvm_path = kvm::device_path();
         let kvm = kvm::open(&kvm_path)?;
         kvm::check_kernel_for_host(&kvm_path, Path::new("/sys/module"), &config.kernel)?;
@@ -286,6 +318,14 @@ impl Vm {
             // Its own thread serves it; it needs nothing from the event loop.
             let device = Arc::new(Mutex::new(device));
             let (base, irq) = attach_virtio(&vm, &memory, &mut mmio, device, virtio_slot)?;
+            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+            virtio_slot += 1;
+        }
+        for (index, device) in nics.into_iter().enumerate() {
+            tracing::debug!("virtio-net: NIC {index} on tap {}", device.tap_name());
+            let device = Arc::new(Mutex::new(device));
+            let (base, irq) = attach_virtio(&vm, &memory, &mut mmio, device.clone(), virtio_slot)?;
+            events.add_subscriber(device);
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
             virtio_slot += 1;
         }

@@ -14,6 +14,9 @@
 
 pub mod fs;
 pub mod mmio;
+pub mod net;
+#[cfg(test)]
+pub(crate) mod test_driver;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -56,6 +59,19 @@ pub enum ActivateError {
     BadQueue { index: usize, reason: String },
     #[error("activating the device: {0}")]
     Backend(String),
+}
+
+/// Copies the bytes of a read-only config space at `offset` into `data`;
+/// bytes past its end read as 0.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|start| start.checked_add(i))
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
 }
 
 /// What the MMIO transport needs from a virtio device.

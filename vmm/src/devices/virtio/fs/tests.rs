@@ -15,7 +15,6 @@ use fuse_backend_rs::abi::fuse_abi::{
 use fuse_vm_memory::ByteValued;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -23,14 +22,11 @@ use super::device::FEATURE_EVENT_IDX;
 use super::event_handler::QueueState;
 use super::*;
 use crate::devices::virtio::mmio::FEATURE_VERSION_1;
+use crate::devices::virtio::test_driver::{
+    guest_memory, kick, Buffer, GuestDriver, MEMORY_SIZE, NEXT, QUEUE_LEN, WRITE,
+};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 
-const QUEUE_LEN: u16 = 256;
-const MEMORY_SIZE: usize = 32 << 20;
-/// Request and reply buffers, bump-allocated from here.
-const BUFFERS: u64 = 0x10_0000;
-const NEXT: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
-const WRITE: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 const ROOT: u64 = 1;
 const HEADER: usize = std::mem::size_of::<OutHeader>();
 
@@ -56,159 +52,19 @@ impl Drop for ScratchDir {
     }
 }
 
-fn guest_memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).unwrap()
-}
-
-/// The guest's driver: two mock queues (hiprio at 0, requests at 0x10000),
-/// chains posted by hand, replies read back from the used ring.
-struct Driver<'a> {
-    memory: &'a GuestMemoryMmap,
-    queues: [MockSplitQueue<'a, GuestMemoryMmap>; NUM_QUEUES],
-    next_desc: [u16; NUM_QUEUES],
-    posted: [u16; NUM_QUEUES],
-    next_buffer: u64,
+/// The guest's virtio-fs driver: its two queues (hiprio, requests) and the
+/// `unique` of the last FUSE request it made.
+struct FuseDriver<'a> {
+    guest: GuestDriver<'a>,
     unique: u64,
 }
 
-/// A descriptor of a chain being posted.
-enum Buffer<'b> {
-    /// Device-readable, holding these bytes.
-    Request(&'b [u8]),
-    /// Device-writable, this long.
-    Reply(u32),
-    /// A raw descriptor (address, length, flags without NEXT).
-    Raw(u64, u32, u16),
-}
-
-impl<'a> Driver<'a> {
+impl<'a> FuseDriver<'a> {
     fn new(memory: &'a GuestMemoryMmap) -> Self {
         Self {
-            memory,
-            queues: [
-                MockSplitQueue::create(memory, GuestAddress(0), QUEUE_LEN),
-                MockSplitQueue::create(memory, GuestAddress(0x1_0000), QUEUE_LEN),
-            ],
-            next_desc: [0; NUM_QUEUES],
-            posted: [0; NUM_QUEUES],
-            next_buffer: BUFFERS,
+            guest: GuestDriver::new(memory, NUM_QUEUES),
             unique: 0,
         }
-    }
-
-    /// Programs `fs`'s queues as the transport would, acks `features`
-    /// and activates it.
-    fn activate(&self, fs: &mut Fs, features: u64) {
-        for (queue, mock) in fs.queues_mut().iter_mut().zip(&self.queues) {
-            *queue = mock.create_queue().unwrap();
-        }
-        fs.set_acked_features(features);
-        fs.activate(self.memory.clone()).unwrap();
-    }
-
-    fn allocate(&mut self, len: u32) -> u64 {
-        let address = self.next_buffer;
-        self.next_buffer += (len as u64).next_multiple_of(64).max(64);
-        assert!(
-            self.next_buffer < MEMORY_SIZE as u64,
-            "test buffers exhausted"
-        );
-        address
-    }
-
-    /// Stores `descriptors` in `queue`'s table from index `head` on and
-    /// makes `head` available (the mock's own helper does not wrap the
-    /// avail ring).
-    fn publish(&mut self, queue: usize, head: u16, descriptors: &[RawDescriptor]) {
-        let mock = &self.queues[queue];
-        for (i, descriptor) in descriptors.iter().enumerate() {
-            mock.desc_table()
-                .store(head + i as u16, *descriptor)
-                .unwrap();
-        }
-        let avail = mock.avail_addr().0;
-        let idx: u16 = self.memory.read_obj(GuestAddress(avail + 2)).unwrap();
-        let slot = avail + 4 + (idx % QUEUE_LEN) as u64 * 2;
-        self.memory.write_obj(head, GuestAddress(slot)).unwrap();
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        self.memory
-            .write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
-            .unwrap();
-        self.posted[queue] = self.posted[queue].wrapping_add(1);
-    }
-
-    /// Posts one chain on `queue`; returns the guest addresses of its
-    /// descriptors.
-    fn post(&mut self, queue: usize, buffers: &[Buffer]) -> Vec<(u64, u32)> {
-        let mut descriptors = Vec::new();
-        let mut placed = Vec::new();
-        // Every earlier chain is used by now: start over at the table's end.
-        let first = if self.next_desc[queue] as usize + buffers.len() > QUEUE_LEN as usize {
-            0
-        } else {
-            self.next_desc[queue]
-        };
-        for (i, buffer) in buffers.iter().enumerate() {
-            let (address, len, flags) = match buffer {
-                Buffer::Request(bytes) => {
-                    let address = self.allocate(bytes.len() as u32);
-                    self.memory
-                        .write_slice(bytes, GuestAddress(address))
-                        .unwrap();
-                    (address, bytes.len() as u32, 0)
-                }
-                Buffer::Reply(len) => (self.allocate(*len), *len, WRITE),
-                Buffer::Raw(address, len, flags) => (*address, *len, *flags),
-            };
-            let index = first + i as u16;
-            let last = i + 1 == buffers.len();
-            let (flags, next) = if last {
-                (flags, 0)
-            } else {
-                (flags | NEXT, index + 1)
-            };
-            descriptors.push(RawDescriptor::from(SplitDescriptor::new(
-                address, len, flags, next,
-            )));
-            placed.push((address, len));
-        }
-        self.publish(queue, first, &descriptors);
-        self.next_desc[queue] = first + buffers.len() as u16;
-        placed
-    }
-
-    /// The used ring's index of `queue`.
-    fn used_idx(&self, queue: usize) -> u16 {
-        self.queues[queue].used().idx().load()
-    }
-
-    /// Waits until `queue`'s used index reaches `count`.
-    fn wait_used(&self, queue: usize, count: u16) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.used_idx(queue) != count {
-            assert!(
-                Instant::now() < deadline,
-                "queue {queue}: {} of {count} requests used",
-                self.used_idx(queue)
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Used element `n` of `queue`: (head index, used length).
-    fn used(&self, queue: usize, n: u16) -> (u32, u32) {
-        let ring = self.queues[queue].used_addr().0 + 4 + (n % QUEUE_LEN) as u64 * 8;
-        let id: u32 = self.memory.read_obj(GuestAddress(ring)).unwrap();
-        let len: u32 = self.memory.read_obj(GuestAddress(ring + 4)).unwrap();
-        (id, len)
-    }
-
-    fn read(&self, address: u64, len: usize) -> Vec<u8> {
-        let mut bytes = vec![0; len];
-        self.memory
-            .read_slice(&mut bytes, GuestAddress(address))
-            .unwrap();
-        bytes
     }
 
     /// A FUSE request: header then `body`.
@@ -229,7 +85,7 @@ impl<'a> Driver<'a> {
 /// and returns the reply: used length, header and body (the writable
 /// buffers, `reply_lens` long, concatenated).
 fn call(
-    driver: &mut Driver,
+    driver: &mut FuseDriver,
     fs: &Fs,
     opcode: Opcode,
     nodeid: u64,
@@ -237,16 +93,16 @@ fn call(
     reply_lens: &[u32],
 ) -> (u32, OutHeader, Vec<u8>) {
     let message = driver.message(opcode, nodeid, body);
-    let mut buffers = vec![Buffer::Request(&message)];
-    buffers.extend(reply_lens.iter().map(|len| Buffer::Reply(*len)));
-    let placed = driver.post(REQUEST_QUEUE, &buffers);
-    fs.queue_events()[REQUEST_QUEUE].write(1).unwrap();
-    let count = driver.posted[REQUEST_QUEUE];
-    driver.wait_used(REQUEST_QUEUE, count);
-    let (_, used) = driver.used(REQUEST_QUEUE, count - 1);
+    let mut buffers = vec![Buffer::Readable(&message)];
+    buffers.extend(reply_lens.iter().map(|len| Buffer::Writable(*len)));
+    let placed = driver.guest.post(REQUEST_QUEUE, &buffers);
+    kick(fs, REQUEST_QUEUE);
+    let count = driver.guest.posted(REQUEST_QUEUE);
+    driver.guest.wait_used(REQUEST_QUEUE, count);
+    let (_, used) = driver.guest.used(REQUEST_QUEUE, count - 1);
     let reply: Vec<u8> = placed[1..]
         .iter()
-        .flat_map(|(address, len)| driver.read(*address, *len as usize))
+        .flat_map(|(address, len)| driver.guest.read(*address, *len as usize))
         .collect();
     let header = object::<OutHeader>(&reply);
     assert_eq!(
@@ -264,7 +120,7 @@ fn object<T: ByteValued + Default>(bytes: &[u8]) -> T {
     value
 }
 
-fn init(driver: &mut Driver, fs: &Fs) -> InitOut {
+fn init(driver: &mut FuseDriver, fs: &Fs) -> InitOut {
     let body = InitIn {
         major: 7,
         minor: 31,
@@ -277,7 +133,7 @@ fn init(driver: &mut Driver, fs: &Fs) -> InitOut {
     object::<InitOut>(&reply)
 }
 
-fn lookup(driver: &mut Driver, fs: &Fs, name: &str) -> (i32, EntryOut) {
+fn lookup(driver: &mut FuseDriver, fs: &Fs, name: &str) -> (i32, EntryOut) {
     let body = [name.as_bytes(), b"\0"].concat();
     let (_, header, reply) = call(driver, fs, Opcode::Lookup, ROOT, &body, &[4096]);
     let entry = if header.error == 0 {
@@ -288,7 +144,7 @@ fn lookup(driver: &mut Driver, fs: &Fs, name: &str) -> (i32, EntryOut) {
     (header.error, entry)
 }
 
-fn open(driver: &mut Driver, fs: &Fs, nodeid: u64, flags: i32) -> u64 {
+fn open(driver: &mut FuseDriver, fs: &Fs, nodeid: u64, flags: i32) -> u64 {
     let body = OpenIn {
         flags: flags as u32,
         fuse_flags: 0,
@@ -361,9 +217,9 @@ fn round_trip(features: u64) {
     let dir = ScratchDir::new(&format!("round-trip-{features:x}"));
     let content = shared_file(&dir.0, "hello.txt", 10_000);
     let memory = guest_memory();
-    let mut driver = Driver::new(&memory);
+    let mut driver = FuseDriver::new(&memory);
     let mut fs = Fs::new("microvm", &dir.0).unwrap();
-    driver.activate(&mut fs, features);
+    driver.guest.activate(&mut fs, features);
     assert!(fs.is_activated());
 
     let init = init(&mut driver, &fs);
@@ -440,16 +296,18 @@ fn the_round_trip_works_with_event_idx() {
 fn the_hiprio_queue_is_served_too() {
     let dir = ScratchDir::new("hiprio");
     let memory = guest_memory();
-    let mut driver = Driver::new(&memory);
+    let mut driver = FuseDriver::new(&memory);
     let mut fs = Fs::new("microvm", &dir.0).unwrap();
-    driver.activate(&mut fs, FEATURE_VERSION_1);
+    driver.guest.activate(&mut fs, FEATURE_VERSION_1);
     init(&mut driver, &fs);
     // FORGET needs no reply: the chain comes back used, length 0.
     let forget = driver.message(Opcode::Forget, ROOT, &1u64.to_le_bytes());
-    driver.post(HIPRIO_QUEUE, &[Buffer::Request(&forget)]);
-    fs.queue_events()[HIPRIO_QUEUE].write(1).unwrap();
-    driver.wait_used(HIPRIO_QUEUE, 1);
-    assert_eq!(driver.used(HIPRIO_QUEUE, 0), (0, 0));
+    driver
+        .guest
+        .post(HIPRIO_QUEUE, &[Buffer::Readable(&forget)]);
+    kick(&fs, HIPRIO_QUEUE);
+    driver.guest.wait_used(HIPRIO_QUEUE, 1);
+    assert_eq!(driver.guest.used(HIPRIO_QUEUE, 0), (0, 0));
 }
 
 #[test]
@@ -457,9 +315,9 @@ fn malformed_chains_get_used_length_zero_and_the_device_keeps_serving() {
     let dir = ScratchDir::new("malformed");
     shared_file(&dir.0, "f", 10);
     let memory = guest_memory();
-    let mut driver = Driver::new(&memory);
+    let mut driver = FuseDriver::new(&memory);
     let mut fs = Fs::new("microvm", &dir.0).unwrap();
-    driver.activate(&mut fs, FEATURE_VERSION_1);
+    driver.guest.activate(&mut fs, FEATURE_VERSION_1);
     init(&mut driver, &fs);
 
     let lookup_f = driver.message(Opcode::Lookup, ROOT, b"f\0");
@@ -467,53 +325,56 @@ fn malformed_chains_get_used_length_zero_and_the_device_keeps_serving() {
     let cases: Vec<(&str, Vec<Buffer>)> = vec![
         (
             "a request outside guest memory",
-            vec![Buffer::Raw(beyond, 64, 0), Buffer::Reply(4096)],
+            vec![Buffer::Raw(beyond, 64, 0), Buffer::Writable(4096)],
         ),
         (
             "a reply buffer outside guest memory",
-            vec![Buffer::Request(&lookup_f), Buffer::Raw(beyond, 4096, WRITE)],
+            vec![
+                Buffer::Readable(&lookup_f),
+                Buffer::Raw(beyond, 4096, WRITE),
+            ],
         ),
         (
             "a buffer straddling the end of guest memory",
             vec![
-                Buffer::Request(&lookup_f),
+                Buffer::Readable(&lookup_f),
                 Buffer::Raw(MEMORY_SIZE as u64 - 16, 4096, WRITE),
             ],
         ),
         (
             "a buffer at the top of the address space",
             vec![
-                Buffer::Request(&lookup_f),
+                Buffer::Readable(&lookup_f),
                 Buffer::Raw(u64::MAX - 8, u32::MAX, WRITE),
             ],
         ),
-        ("no room for a reply", vec![Buffer::Request(&lookup_f)]),
+        ("no room for a reply", vec![Buffer::Readable(&lookup_f)]),
         (
             "a reply buffer too small for the reply",
-            vec![Buffer::Request(&lookup_f), Buffer::Reply(8)],
+            vec![Buffer::Readable(&lookup_f), Buffer::Writable(8)],
         ),
         (
             "a truncated header",
-            vec![Buffer::Request(&lookup_f[..10]), Buffer::Reply(4096)],
+            vec![Buffer::Readable(&lookup_f[..10]), Buffer::Writable(4096)],
         ),
-        ("an empty request", vec![Buffer::Reply(4096)]),
+        ("an empty request", vec![Buffer::Writable(4096)]),
     ];
     for (what, buffers) in &cases {
-        driver.post(REQUEST_QUEUE, buffers);
-        fs.queue_events()[REQUEST_QUEUE].write(1).unwrap();
-        let count = driver.posted[REQUEST_QUEUE];
-        driver.wait_used(REQUEST_QUEUE, count);
-        assert_eq!(driver.used(REQUEST_QUEUE, count - 1).1, 0, "{what}");
+        driver.guest.post(REQUEST_QUEUE, buffers);
+        kick(&fs, REQUEST_QUEUE);
+        let count = driver.guest.posted(REQUEST_QUEUE);
+        driver.guest.wait_used(REQUEST_QUEUE, count);
+        assert_eq!(driver.guest.used(REQUEST_QUEUE, count - 1).1, 0, "{what}");
     }
 
     // A chain that loops on itself (its NEXT points back at it): the
     // chain ends at the queue size.
-    let looping = driver.next_desc[REQUEST_QUEUE];
-    let address = driver.allocate(64);
+    let looping = driver.guest.next_descriptor(REQUEST_QUEUE);
+    let address = driver.guest.allocate(64);
     memory
         .write_slice(&lookup_f, GuestAddress(address))
         .unwrap();
-    driver.publish(
+    driver.guest.publish(
         REQUEST_QUEUE,
         looping,
         &[RawDescriptor::from(SplitDescriptor::new(
@@ -523,12 +384,11 @@ fn malformed_chains_get_used_length_zero_and_the_device_keeps_serving() {
             looping,
         ))],
     );
-    driver.next_desc[REQUEST_QUEUE] += 1;
-    fs.queue_events()[REQUEST_QUEUE].write(1).unwrap();
-    let count = driver.posted[REQUEST_QUEUE];
-    driver.wait_used(REQUEST_QUEUE, count);
+    kick(&fs, REQUEST_QUEUE);
+    let count = driver.guest.posted(REQUEST_QUEUE);
+    driver.guest.wait_used(REQUEST_QUEUE, count);
     assert_eq!(
-        driver.used(REQUEST_QUEUE, count - 1).1,
+        driver.guest.used(REQUEST_QUEUE, count - 1).1,
         0,
         "a looping chain"
     );
@@ -550,9 +410,9 @@ fn random_requests_never_crash_the_server() {
     shared_file(&dir.0, "f", 100);
     std::fs::create_dir(dir.0.join("d")).unwrap();
     let memory = guest_memory();
-    let mut driver = Driver::new(&memory);
+    let mut driver = FuseDriver::new(&memory);
     let mut fs = Fs::new("microvm", &dir.0).unwrap();
-    driver.activate(&mut fs, FEATURE_VERSION_1);
+    driver.guest.activate(&mut fs, FEATURE_VERSION_1);
     init(&mut driver, &fs);
     let mut state = 0x2545_f491_4f6c_dd1d_u64;
     let mut random = move || {
@@ -590,15 +450,17 @@ fn random_requests_never_crash_the_server() {
         }
         let message = [header.as_slice(), &body].concat();
         let reply = (random() % 5000) as u32;
-        driver.post(
+        driver.guest.post(
             REQUEST_QUEUE,
-            &[Buffer::Request(&message), Buffer::Reply(reply.max(1))],
+            &[Buffer::Readable(&message), Buffer::Writable(reply.max(1))],
         );
-        if driver.next_buffer > (MEMORY_SIZE as u64) - (1 << 20) {
-            driver.next_buffer = BUFFERS;
+        if driver.guest.free_buffer_space() < 1 << 20 {
+            driver.guest.reuse_buffers();
         }
-        fs.queue_events()[REQUEST_QUEUE].write(1).unwrap();
-        driver.wait_used(REQUEST_QUEUE, driver.posted[REQUEST_QUEUE]);
+        kick(&fs, REQUEST_QUEUE);
+        driver
+            .guest
+            .wait_used(REQUEST_QUEUE, driver.guest.posted(REQUEST_QUEUE));
     }
     // Still alive and answering.
     let (error, entry) = lookup(&mut driver, &fs, "f");
@@ -610,14 +472,11 @@ fn random_requests_never_crash_the_server() {
 fn a_corrupt_ring_is_abandoned_not_spun_on_and_bad_heads_are_skipped() {
     let dir = ScratchDir::new("corrupt");
     let memory = guest_memory();
-    let mut driver = Driver::new(&memory);
+    let mut driver = FuseDriver::new(&memory);
     let view = memory_view::view_memory(&memory).unwrap();
-    let queues = driver
-        .queues
-        .iter()
-        .enumerate()
-        .map(|(index, mock)| {
-            let queue: virtio_queue::Queue = mock.create_queue().unwrap();
+    let queues = (0..NUM_QUEUES)
+        .map(|index| {
+            let queue = driver.guest.device_queue(index);
             memory_view::view_queue(index, &queue, &view).unwrap()
         })
         .collect();
@@ -632,13 +491,14 @@ fn a_corrupt_ring_is_abandoned_not_spun_on_and_bad_heads_are_skipped() {
 
     // A head index beyond the queue: nothing to serve and nothing to
     // return, but the request after it is served.
-    let avail = driver.queues[REQUEST_QUEUE].avail_addr().0;
+    let avail = driver.guest.avail_addr(REQUEST_QUEUE);
     memory.write_obj(5000u16, GuestAddress(avail + 4)).unwrap();
     memory.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
     state.process_queue(REQUEST_QUEUE);
     assert!(!state.broken[REQUEST_QUEUE]);
-    assert_eq!(driver.used_idx(REQUEST_QUEUE), 0);
-    driver.next_desc[REQUEST_QUEUE] = 0;
+    assert_eq!(driver.guest.used_idx(REQUEST_QUEUE), 0);
+    // The bogus head took no descriptor: the next chain starts at 0.
+    assert_eq!(driver.guest.next_descriptor(REQUEST_QUEUE), 0);
     let init = driver.message(
         Opcode::Init,
         0,
@@ -649,13 +509,17 @@ fn a_corrupt_ring_is_abandoned_not_spun_on_and_bad_heads_are_skipped() {
         }
         .as_slice(),
     );
-    driver.post(
+    driver.guest.post(
         REQUEST_QUEUE,
-        &[Buffer::Request(&init), Buffer::Reply(4096)],
+        &[Buffer::Readable(&init), Buffer::Writable(4096)],
     );
     state.process_queue(REQUEST_QUEUE);
-    assert_eq!(driver.used_idx(REQUEST_QUEUE), 1);
-    assert_ne!(driver.used(REQUEST_QUEUE, 0).1, 0, "INIT was answered");
+    assert_eq!(driver.guest.used_idx(REQUEST_QUEUE), 1);
+    assert_ne!(
+        driver.guest.used(REQUEST_QUEUE, 0).1,
+        0,
+        "INIT was answered"
+    );
     assert_ne!(
         state
             .interrupt
@@ -675,7 +539,7 @@ fn a_corrupt_ring_is_abandoned_not_spun_on_and_bad_heads_are_skipped() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(state.broken[REQUEST_QUEUE]);
     state.process_queue(REQUEST_QUEUE);
-    assert_eq!(driver.used_idx(REQUEST_QUEUE), 1);
+    assert_eq!(driver.guest.used_idx(REQUEST_QUEUE), 1);
     // The other queue is unaffected.
     assert!(!state.broken[HIPRIO_QUEUE]);
 }

@@ -224,12 +224,7 @@ impl VirtioDevice for Vsock {
 
     /// The config space is the guest's CID (le64).
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        let start = offset as usize;
-        match config.get(start..start + data.len()) {
-            Some(bytes) => data.copy_from_slice(bytes),
-            None => data.fill(0),
-        }
+        super::read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
