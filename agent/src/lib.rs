@@ -5,12 +5,14 @@
 //!
 //! - [`container`]: OCI containers (create, start, exec, cgroups, ...);
 //! - [`init`]: what PID 1 sets up (mounts, hostname) and how it ends the VM;
+//! - [`network`]: the guest NIC's name, addresses, routes and neighbours (netlink);
 //! - [`process`]: processes the agent started, their pipes and exit status;
 //! - [`reaper`]: the SIGCHLD thread that collects every child's status;
 //! - [`service`]: the ttrpc service mapping requests onto the above.
 
 pub mod container;
 pub mod init;
+pub mod network;
 pub mod process;
 pub mod reaper;
 pub mod service;

@@ -9,6 +9,7 @@ use protocols::agent_ttrpc::AgentService;
 use ttrpc::{Code, TtrpcContext};
 
 use crate::container::{ContainerError, Containers};
+use crate::network::NetworkError;
 use crate::process::{Exit, Process, ProcessError, ProcessTable, Spec, Stream};
 
 /// Most bytes one ReadStdout/ReadStderr returns.
@@ -64,6 +65,26 @@ fn container_status(error: ContainerError) -> ttrpc::Error {
         ContainerError::Setup(_) | ContainerError::Cgroup(_) => Code::INTERNAL,
     };
     protocols::status(code, error.to_string())
+}
+
+/// A network failure as the status of `rpc`: a bad request is
+/// INVALID_ARGUMENT, a kernel refusal is mapped from its errno.
+fn network_status(rpc: &str, error: NetworkError) -> ttrpc::Error {
+    let code = match &error {
+        NetworkError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+        NetworkError::Netlink { .. } => match error.errno() {
+            Some(libc::EINVAL | libc::ERANGE | libc::EAFNOSUPPORT) => Code::INVALID_ARGUMENT,
+            Some(libc::EEXIST) => Code::ALREADY_EXISTS,
+            Some(libc::EPERM | libc::EACCES) => Code::PERMISSION_DENIED,
+            Some(libc::ENODEV | libc::ENOENT | libc::ESRCH | libc::ENETUNREACH | libc::EBUSY) => {
+                Code::FAILED_PRECONDITION
+            }
+            _ => Code::INTERNAL,
+        },
+        NetworkError::Setup(_) => Code::INTERNAL,
+    };
+    tracing::warn!("{rpc}: {error}");
+    protocols::status(code, format!("{rpc}: {error}"))
 }
 
 impl AgentService for Agent {
@@ -326,6 +347,48 @@ impl AgentService for Agent {
             .remove(&req.container_id)
             .map_err(container_status)?;
         Ok(RemoveContainerResponse::default())
+    }
+
+    fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateInterfaceRequest,
+    ) -> ttrpc::Result<UpdateInterfaceResponse> {
+        let wanted = req.interface.as_ref().ok_or_else(|| {
+            protocols::status(
+                Code::INVALID_ARGUMENT,
+                "UpdateInterface: no interface given",
+            )
+        })?;
+        let applied = crate::network::update_interface(wanted)
+            .map_err(|e| network_status("UpdateInterface", e))?;
+        Ok(UpdateInterfaceResponse {
+            interface: Some(applied).into(),
+            ..Default::default()
+        })
+    }
+
+    fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateRoutesRequest,
+    ) -> ttrpc::Result<UpdateRoutesResponse> {
+        let routes = crate::network::update_routes(&req.routes)
+            .map_err(|e| network_status("UpdateRoutes", e))?;
+        Ok(UpdateRoutesResponse {
+            routes,
+            ..Default::default()
+        })
+    }
+
+    fn add_arp_neighbors(
+        &self,
+        _ctx: &TtrpcContext,
+        req: AddArpNeighborsRequest,
+    ) -> ttrpc::Result<AddArpNeighborsResponse> {
+        crate::network::add_arp_neighbors(&req.neighbors)
+            .map_err(|e| network_status("AddArpNeighbors", e))?;
+        Ok(AddArpNeighborsResponse::default())
     }
 
     fn shutdown(

@@ -342,3 +342,83 @@ fn shutdown_ends_the_agent() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The network rpcs are wired and answer bad requests with INVALID_ARGUMENT
+/// naming the rpc and the culprit. Only error paths: the agent runs in the
+/// host's network namespace here, which must not change.
+#[test]
+fn network_rpcs_refuse_bad_requests_with_invalid_argument() {
+    let agent = Agent::start();
+    let invalid = |result: ttrpc::Error, needle: &str| match result {
+        ttrpc::Error::RpcStatus(status) => {
+            assert_eq!(status.code(), ttrpc::Code::INVALID_ARGUMENT, "{status:?}");
+            assert!(
+                status.message().contains(needle),
+                "{:?} does not mention {needle:?}",
+                status.message()
+            );
+        }
+        other => panic!("expected a status, got {other:?}"),
+    };
+
+    let no_interface = agent
+        .client
+        .update_interface(ctx(), &UpdateInterfaceRequest::default())
+        .unwrap_err();
+    invalid(no_interface, "UpdateInterface: no interface given");
+
+    let unknown_mac = UpdateInterfaceRequest {
+        interface: Some(Interface {
+            name: "eth0".into(),
+            mac: "02:00:5E:DE:AD:01".into(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    let error = agent
+        .client
+        .update_interface(ctx(), &unknown_mac)
+        .unwrap_err();
+    invalid(
+        error,
+        "UpdateInterface: no guest NIC has MAC 02:00:5e:de:ad:01",
+    );
+
+    let routes = UpdateRoutesRequest {
+        routes: vec![Route {
+            dest: "10.77.0.0/16".into(),
+            device: "mvnosuch0".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let error = agent.client.update_routes(ctx(), &routes).unwrap_err();
+    invalid(
+        error,
+        "UpdateRoutes: route 10.77.0.0/16 dev mvnosuch0: no guest link named \"mvnosuch0\"",
+    );
+
+    let neighbors = AddArpNeighborsRequest {
+        neighbors: vec![ArpNeighbor {
+            ip: Some(IpAddress {
+                address: "10.0.0.999".into(),
+                prefix_len: 32,
+                ..Default::default()
+            })
+            .into(),
+            device: "eth0".into(),
+            mac: "02:00:00:00:00:01".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let error = agent
+        .client
+        .add_arp_neighbors(ctx(), &neighbors)
+        .unwrap_err();
+    invalid(
+        error,
+        "AddArpNeighbors: neighbour 10.0.0.999 dev eth0: bad address",
+    );
+}
