@@ -9,13 +9,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::network::NetDevices;
+
 pub const KERNEL_FILE: &str = "vmlinux";
 pub const INITRD_FILE: &str = "microvm-initramfs.cpio";
 pub const VMM_BINARY: &str = "microvm-vmm";
 pub const ROOTFS_DIR: &str = "busybox-rootfs";
 const SHARE_DIR: &str = "/usr/share/microvm";
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SandboxConfig {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
@@ -42,6 +44,11 @@ pub struct SandboxConfig {
     /// containerd shim) also appears in the VMM's namespace and so in the
     /// guest.
     pub late_mounts: bool,
+    /// The guest NICs (virtio-net on taps, see [`crate::network`]).
+    /// [`crate::sandbox::Sandbox::start`] takes the taps out and hands them
+    /// to the VMM, which then holds the only copy: a tap lives exactly as
+    /// long as its VMM.
+    pub net: NetDevices,
 }
 
 /// A host path shown in the sandbox's shared directory.
@@ -207,6 +214,7 @@ impl SandboxConfig {
             shared_binds: Vec::new(),
             state_dir: None,
             late_mounts: false,
+            net: NetDevices::default(),
         })
     }
 }

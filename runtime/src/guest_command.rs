@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use protocols::agent;
 use protocols::agent_ttrpc::AgentServiceClient;
 
+use crate::network::PodNetwork;
 use crate::sandbox::Sandbox;
 
 /// A guest-level command (no container).
@@ -111,9 +112,21 @@ fn watch_vmm(vmm_pid: u32, stream: UnixStream, done: Arc<AtomicBool>) {
 
 /// Runs `launch` in the guest whose agent is on `stream`.
 pub fn run(stream: UnixStream, launch: &Launch, sandbox: &mut Sandbox) -> Result<Outcome> {
+    run_with_network(stream, launch, sandbox, None)
+}
+
+/// [`run`], with the guest's NICs configured (addresses, routes,
+/// neighbours) from `network` before the command starts: right after the
+/// agent's CreateSandbox for a container.
+pub fn run_with_network(
+    stream: UnixStream,
+    launch: &Launch,
+    sandbox: &mut Sandbox,
+    network: Option<&PodNetwork>,
+) -> Result<Outcome> {
     let done = Arc::new(AtomicBool::new(false));
     watch_vmm(sandbox.vmm_pid(), stream.try_clone()?, done.clone());
-    let result = run_connected(stream, launch);
+    let result = run_connected(stream, launch, network);
     done.store(true, Ordering::SeqCst);
     result
 }
@@ -121,7 +134,7 @@ pub fn run(stream: UnixStream, launch: &Launch, sandbox: &mut Sandbox) -> Result
 /// Runs `launch` through an agent reached without a VM (an agent serving on
 /// a Unix socket, e.g. for debugging the container engine on a host).
 pub fn run_on_agent(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
-    run_connected(stream, launch)
+    run_connected(stream, launch, None)
 }
 
 /// A start failure as the shell would report it, or an error.
@@ -136,7 +149,23 @@ fn cannot_run(e: &ttrpc::Error, what: &str) -> Result<Outcome> {
     Err(anyhow::anyhow!("{what}: {message}"))
 }
 
-fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
+/// Gives the guest its network, if there is one to give.
+fn configure_network(client: &AgentServiceClient, network: Option<&PodNetwork>) -> Result<()> {
+    let Some(network) = network.filter(|n| !n.is_empty()) else {
+        return Ok(());
+    };
+    network
+        .configure_guest(client)
+        .context("configuring the guest's network")?;
+    tracing::debug!("guest network configured");
+    Ok(())
+}
+
+fn run_connected(
+    stream: UnixStream,
+    launch: &Launch,
+    network: Option<&PodNetwork>,
+) -> Result<Outcome> {
     let client = AgentServiceClient::new(
         protocols::client_from_stream(stream)
             .map_err(|e| anyhow::anyhow!("agent connection: {e}"))?,
@@ -148,6 +177,7 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
     let signals = catch_signals(terminal)?;
     let target = match launch {
         Launch::Guest(command) => {
+            configure_network(&client, network)?;
             let request = agent::ExecProcessRequest {
                 exec_id: GUEST_EXEC_ID.into(),
                 argv: command.argv.clone(),
@@ -180,6 +210,7 @@ fn run_connected(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
                     anyhow::anyhow!("preparing the sandbox: {}", protocols::error_message(&e))
                 })?;
             tracing::debug!("guest sandbox prepared");
+            configure_network(&client, network)?;
             let spec_json = serde_json::to_string(&container.spec)?;
             client
                 .create_container(

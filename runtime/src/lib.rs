@@ -8,6 +8,7 @@ pub mod guest_command;
 pub mod hybrid_vsock;
 pub mod install;
 pub mod mountinfo;
+pub mod network;
 pub mod oci;
 pub mod sandbox;
 pub mod shim;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::SandboxConfig;
 use crate::hybrid_vsock::{self, ConnectError};
+use crate::network::NetAttachment;
 
 /// The guest agent's vsock port.
 pub const AGENT_PORT: u32 = 1024;
@@ -159,6 +160,33 @@ fn prepare_share(
     Ok(mounts)
 }
 
+/// Adds `--net fd=N,mac=..,mtu=M` per tap and returns the fds the child
+/// must inherit (their FD_CLOEXEC is cleared there only, so no other child
+/// of a multi-threaded runtime gets them). A tap on fd 0-2 is moved up
+/// first: the child's stdio setup would overwrite it.
+fn pass_taps(taps: &mut [NetAttachment], command: &mut Command) -> Result<Vec<i32>, SandboxError> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut fds = Vec::with_capacity(taps.len());
+    for attachment in taps.iter_mut() {
+        if attachment.tap.as_raw_fd() <= 2 {
+            // SAFETY: F_DUPFD_CLOEXEC makes a new fd we then own alone.
+            let fd = unsafe { libc::fcntl(attachment.tap.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+            if fd < 0 {
+                return Err(SandboxError::VmmFailed(format!(
+                    "moving a tap fd: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            // SAFETY: `fd` was just created and is owned by nothing else.
+            attachment.tap = unsafe { OwnedFd::from_raw_fd(fd) };
+        }
+        let fd = attachment.tap.as_raw_fd();
+        command.arg("--net").arg(attachment.vmm_arg(fd));
+        fds.push(fd);
+    }
+    Ok(fds)
+}
+
 /// In the forked VMM, before exec: a mount namespace of its own (a slave of
 /// ours) holding the shared mounts, so they disappear with the VMM.
 fn bind_in_own_namespace(mounts: &Binds) -> std::io::Result<()> {
@@ -211,7 +239,12 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Starts the VMM. The agent is reached with [`Sandbox::connect_agent`].
+    ///
+    /// The guest NICs' taps are taken out of `config.net` (whatever the
+    /// outcome) and passed to the VMM as `--net fd=N,mac=..,mtu=M`; our
+    /// copies are closed once it runs.
     pub fn start(config: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+        let mut taps = config.net.take();
         for (what, path) in [
             ("guest kernel", &config.kernel),
             ("guest initramfs", &config.initrd),
@@ -272,6 +305,13 @@ impl Sandbox {
                 return Err(e);
             }
         }
+        let tap_fds = match pass_taps(&mut taps, &mut command) {
+            Ok(fds) => fds,
+            Err(e) => {
+                remove_state(&dir);
+                return Err(e);
+            }
+        };
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -294,7 +334,26 @@ impl Sandbox {
                 command.pre_exec(move || bind_in_own_namespace(&binds));
             }
         }
-        let vmm = match command.spawn() {
+        if !tap_fds.is_empty() {
+            // SAFETY: fcntl is async-signal-safe; the fds are ours (the
+            // taps, open until after spawn) and the list was built before
+            // fork.
+            unsafe {
+                command.pre_exec(move || {
+                    for fd in &tap_fds {
+                        if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let spawned = command.spawn();
+        // The VMM has its copies now (or failed): ours must not keep the
+        // taps alive.
+        drop(taps);
+        let vmm = match spawned {
             Ok(child) => child,
             Err(source) => {
                 remove_state(&dir);
@@ -497,4 +556,56 @@ pub fn remove_state(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::NetAttachment;
+
+    /// The VMM gets `--net fd=N,mac=..,mtu=..` with fd N open in it; the
+    /// config gives its copy up.
+    #[test]
+    fn taps_reach_the_vmm_as_net_arguments() {
+        let dir = std::env::temp_dir().join(format!("microvm-net-arg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("args");
+        let vmm = dir.join("fake-vmm");
+        std::fs::write(
+            &vmm,
+            format!(
+                "#!/bin/sh\nfor a in \"$@\"; do case $a in fd=*) n=${{a#fd=}}; n=${{n%%,*}}; \
+                 echo \"$a $(readlink /proc/$$/fd/$n)\" >> {out}.tmp;; esac; done\n\
+                 mv {out}.tmp {out}\nsleep 30\n",
+                out = out.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let asset = dir.join("asset");
+        std::fs::write(&asset, b"").unwrap();
+        let mut config =
+            SandboxConfig::with_assets(Some(asset.clone()), Some(asset), Some(vmm)).unwrap();
+        config.state_dir = Some(dir.join("state"));
+        config.net = vec![NetAttachment {
+            tap: std::fs::File::open("/dev/null").unwrap().into(),
+            mac: [0x02, 0, 0, 0, 0xab, 0xcd],
+            mtu: 1400,
+        }]
+        .into();
+        let sandbox = Sandbox::start(&config).unwrap();
+        assert!(config.net.is_empty(), "the config keeps no copy");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !out.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        drop(sandbox);
+        let _ = std::fs::remove_dir_all(&dir);
+        let (arg, target) = text.trim().split_once(' ').unwrap_or_default();
+        assert!(arg.starts_with("fd="), "{text:?}");
+        assert!(arg.ends_with(",mac=02:00:00:00:ab:cd,mtu=1400"), "{text:?}");
+        assert_eq!(target, "/dev/null", "the fd is open in the VMM: {text:?}");
+    }
 }

@@ -4,7 +4,8 @@
 //! microvm run [--cpus N] [--memory MIB] [--kernel PATH] [--initrd PATH]
 //!             [--console FILE|-] [--kernel-cmdline EXTRA]
 //!             [--rootfs DIR | --image PATH] [-e KEY=VALUE]... [-w DIR] [-u UID[:GID]] [-t]
-//!             [--read-only] [--hostname NAME] [--guest [--share HOSTDIR]] -- CMD [ARGS...]
+//!             [--read-only] [--hostname NAME] [--guest [--share HOSTDIR]]
+//!             [--net [--net-subnet CIDR]] -- CMD [ARGS...]
 //! microvm run [VM options] --bundle DIR
 //! ```
 //! Starts a VM, runs CMD in a container (on the default busybox rootfs,
@@ -20,6 +21,12 @@
 //! decides everything, its rootfs is shared into the VM.
 //! `--agent-socket PATH` drives an agent already serving on a Unix socket
 //! instead of booting a VM (for working on the agent itself).
+//! `--net` (root) gives the VM a NIC: eth0 `10.201.N.2/30`, default route via
+//! `10.201.N.1` on the host link `mvh<pid>` (N: the first free /30 of
+//! 10.201.0.0/16, or of `--net-subnet CIDR`), the host's /etc/resolv.conf
+//! read-only in the container. Outbound NAT is left to the user (see
+//! [`runtime::network::standalone::NAT_HINT`]). All of it is gone when
+//! `microvm` exits.
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -28,15 +35,24 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use runtime::config::{SandboxConfig, SharedBind};
 use runtime::guest_command::{self, ContainerLaunch, GuestCommand, Launch, Outcome};
+use runtime::network::standalone::{StandaloneNetwork, Subnet};
 use runtime::oci::{self, ContainerOptions};
-use runtime::sandbox::{Sandbox, SHARED_FS_TAG};
+use runtime::sandbox::{Sandbox, GUEST_SHARED_DIR, SHARED_FS_TAG};
 
 const USAGE: &str = "usage: microvm run [--cpus N] [--memory MIB] [--kernel PATH] [--initrd PATH] \
 [--console FILE|-] [--kernel-cmdline EXTRA] [--rootfs DIR | --image PATH] [-e KEY=VALUE]... [-w DIR] \
-[-u UID[:GID]] [-t] [--read-only] [--hostname NAME] [--guest [--share HOSTDIR]] -- CMD [ARGS...]
+[-u UID[:GID]] [-t] [--read-only] [--hostname NAME] [--guest [--share HOSTDIR]] \
+[--net [--net-subnet CIDR]] -- CMD [ARGS...]
        microvm run [VM options] --bundle DIR
        microvm ctl ... (see microvm ctl --help)
-       microvm install [--bin-dir DIR] [--share-dir DIR] [--config FILE] [--containerd-config FILE]";
+       microvm install [--bin-dir DIR] [--share-dir DIR] [--config FILE] [--containerd-config FILE]
+
+--net (root): the VM gets eth0 10.201.N.2/30 with a default route via 10.201.N.1, the host end
+  mvh<pid> of a veth pair (N: the first /30 of 10.201.0.0/16 without a local address, or of
+  --net-subnet CIDR); the container sees the host's /etc/resolv.conf. The host is reachable at
+  10.201.N.1; for anything beyond it, enable forwarding and NAT yourself:
+    sysctl -w net.ipv4.ip_forward=1
+    iptables -t nat -A POSTROUTING -s 10.201.0.0/16 ! -o mvh+ -j MASQUERADE";
 
 struct RunOptions {
     config: SandboxConfig,
@@ -51,6 +67,8 @@ struct RunOptions {
     /// Run in the guest itself, not in a container.
     guest: bool,
     agent_socket: Option<PathBuf>,
+    /// `--net`: a NIC on a veth pair to this host (and `--net-subnet`).
+    net: Option<Option<Subnet>>,
 }
 
 /// The VM options `run` and `ctl` share.
@@ -139,6 +157,7 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
     let mut guest = false;
     let mut agent_socket = None;
     let mut share = None;
+    let mut net = None;
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let mut value = || {
@@ -174,6 +193,13 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
             "--guest" => guest = true,
             "--agent-socket" => agent_socket = Some(PathBuf::from(value()?)),
             "--share" => share = Some(PathBuf::from(value()?)),
+            "--net" => net = Some(net.flatten()),
+            "--net-subnet" => {
+                let subnet: Subnet = value()?
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--net-subnet {e}"))?;
+                net = Some(Some(subnet));
+            }
             "--" => {
                 container.args = iter.cloned().collect();
                 break;
@@ -212,6 +238,9 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
             bail!("--share needs --guest (mount it there: mount -t virtiofs {SHARED_FS_TAG} /mnt)");
         }
     }
+    if net.is_some() && agent_socket.is_some() {
+        bail!("--net needs a VM: it does not go with --agent-socket");
+    }
     let mut config = vm.into_config()?;
     config.shared_dir = share;
     Ok(RunOptions {
@@ -223,6 +252,7 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
         bundle,
         guest,
         agent_socket,
+        net,
     })
 }
 
@@ -349,7 +379,7 @@ fn run(mut options: RunOptions) -> Result<u8> {
         let launch = launch(&options, rootfs.as_ref())?;
         return Ok(report(guest_command::run_on_agent(stream, &launch)?));
     }
-    let launch = launch(&options, None)?;
+    let mut launch = launch(&options, None)?;
     if let (Some(rootfs), Launch::Container(container)) = (&rootfs, &launch) {
         options.config.shared_binds.push(SharedBind {
             source: rootfs.clone(),
@@ -357,9 +387,30 @@ fn run(mut options: RunOptions) -> Result<u8> {
             copy_on_write,
         });
     }
+    // Declared before the sandbox, so dropped after it: the host link goes
+    // once the VMM (and its taps) are gone, on every way out.
+    let mut network = match options.net {
+        Some(subnet) => {
+            Some(StandaloneNetwork::create(subnet).context("setting up the VM's network (--net)")?)
+        }
+        None => None,
+    };
+    if let Some(network) = &mut network {
+        options.config.net = network.pod().take_attachments().into();
+        if options.bundle.is_none() {
+            if let Launch::Container(container) = &mut launch {
+                share_resolv_conf(&mut options.config, container);
+            }
+        }
+    }
     let mut sandbox = Sandbox::start(&options.config)?;
     let stream = sandbox.connect_agent(options.config.agent_timeout)?;
-    let outcome = guest_command::run(stream, &launch, &mut sandbox);
+    let outcome = guest_command::run_with_network(
+        stream,
+        &launch,
+        &mut sandbox,
+        network.as_mut().map(|n| &*n.pod()),
+    );
     let code = match outcome {
         Ok(outcome) => report(outcome),
         Err(e) => {
@@ -371,7 +422,45 @@ fn run(mut options: RunOptions) -> Result<u8> {
         }
     };
     sandbox.stop(std::time::Duration::from_secs(5));
+    if let Some(mut network) = network {
+        network.close();
+    }
     Ok(code)
+}
+
+/// The host's /etc/resolv.conf, read-only on the container's (through the
+/// share), as Docker does for a container on a host network.
+fn share_resolv_conf(config: &mut SandboxConfig, container: &mut ContainerLaunch) {
+    const RESOLV_CONF: &str = "/etc/resolv.conf";
+    if !std::path::Path::new(RESOLV_CONF).is_file() {
+        tracing::info!("no {RESOLV_CONF} on this host to give the container");
+        return;
+    }
+    let target = PathBuf::from(&container.bundle).join("resolv.conf");
+    config.shared_binds.push(SharedBind {
+        source: PathBuf::from(RESOLV_CONF),
+        target: target.clone(),
+        copy_on_write: false,
+    });
+    let mount = oci_spec::runtime::MountBuilder::default()
+        .destination(RESOLV_CONF)
+        .typ("bind")
+        .source(PathBuf::from(GUEST_SHARED_DIR).join(&target))
+        .options(
+            ["rbind", "ro", "nosuid", "nodev", "noexec"]
+                .map(String::from)
+                .to_vec(),
+        )
+        .build();
+    match mount {
+        Ok(mount) => {
+            let mut mounts = container.spec.mounts().clone().unwrap_or_default();
+            mounts.retain(|m| m.destination() != std::path::Path::new(RESOLV_CONF));
+            mounts.push(mount);
+            container.spec.set_mounts(Some(mounts));
+        }
+        Err(e) => tracing::warn!("not sharing {RESOLV_CONF}: {e}"),
+    }
 }
 
 const CTL_USAGE: &str =

@@ -26,6 +26,7 @@ use super::mounts::{self, MountSpec};
 use super::process::{timestamp, Process, VM_DIED_EXIT};
 use super::spec;
 use crate::config::SandboxConfig;
+use crate::network::PodNetwork;
 use crate::sandbox::{remove_state, Sandbox, SHARED_FS_TAG};
 
 /// Publishes task events to containerd.
@@ -118,6 +119,15 @@ pub struct Pod {
     /// The guest pid of the pod's sandbox container's init (the container
     /// named like the pod), whose namespaces the others join.
     sandbox_pid: Mutex<Option<u32>>,
+    /// The taps and tc redirects in the pod's network namespace.
+    network: Mutex<Option<PodNetwork>>,
+}
+
+/// What the pod's VM is set up with besides its configuration.
+pub struct PodSetup<'a> {
+    pub hostname: &'a str,
+    /// The pod's network namespace (CRI's), wired to the VM's NICs.
+    pub netns: Option<std::fs::File>,
 }
 
 /// Where the shim keeps pod `id` of `namespace`.
@@ -131,9 +141,19 @@ impl Pod {
         id: &str,
         namespace: &str,
         mut config: SandboxConfig,
-        hostname: &str,
+        setup: PodSetup,
         events: Arc<Events>,
     ) -> Result<Arc<Pod>, PodError> {
+        let hostname = setup.hostname;
+        // Dropped (torn down) if the boot fails; the pod keeps it otherwise.
+        let mut network = setup
+            .netns
+            .map(PodNetwork::wire)
+            .transpose()
+            .map_err(|e| PodError::Other(format!("wiring the pod's network: {e}")))?;
+        if let Some(network) = network.as_mut() {
+            config.net = network.take_attachments().into();
+        }
         let dir = state_dir(namespace, id);
         // A crashed shim's leftovers for the same pod.
         remove_state(&dir);
@@ -177,6 +197,11 @@ impl Pod {
                 },
             )
             .map_err(agent_error("preparing the guest"))?;
+        if let Some(network) = network.as_ref() {
+            network
+                .configure_guest(&client)
+                .map_err(|e| PodError::Other(format!("configuring the guest's network: {e:#}")))?;
+        }
         let pod = Arc::new(Pod {
             id: id.to_string(),
             client,
@@ -190,6 +215,7 @@ impl Pod {
             keeper: Mutex::new(Some(keeper_tx)),
             dead: AtomicBool::new(false),
             sandbox_pid: Mutex::new(None),
+            network: Mutex::new(network),
         });
         watch_vm(Arc::downgrade(&pod));
         tracing::info!("pod {id}: VM up (VMM pid {})", pod.vmm_pid);
@@ -630,6 +656,14 @@ impl Pod {
             sandbox.stop(Duration::from_secs(2));
         }
         self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut network) = self
+            .network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            network.tear_down();
+        }
         remove_state(&self.state_dir);
         tracing::info!("pod {}: VM stopped", self.id);
     }

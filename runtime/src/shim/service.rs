@@ -21,7 +21,7 @@ use protocols::agent;
 
 use super::io::StdioPaths;
 use super::mounts::{self, MountSpec};
-use super::pod::{state_dir, Events, Pod, PodError};
+use super::pod::{state_dir, Events, Pod, PodError, PodSetup};
 use super::process::timestamp;
 use super::spec;
 use crate::sandbox::remove_state;
@@ -189,11 +189,22 @@ impl TaskService {
         let config = crate::shim_config::sandbox_config(config_path)
             .map_err(PodError::FailedPrecondition)?;
         let hostname = spec["hostname"].as_str().unwrap_or_default();
+        // The netns is complete when the sandbox task is created: CRI runs
+        // CNI ADD before it.
+        let netns = spec::network_namespace(spec)
+            .map(|path| {
+                std::fs::File::open(path).map_err(|e| {
+                    PodError::InvalidArgument(format!(
+                        "opening the pod's network namespace {path}: {e}"
+                    ))
+                })
+            })
+            .transpose()?;
         let pod = Pod::boot(
             &pod_id,
             &self.namespace,
             config,
-            hostname,
+            PodSetup { hostname, netns },
             self.events.clone(),
         )?;
         *slot = Some(pod.clone());

@@ -50,6 +50,17 @@ pub fn pod_id(spec: &Value, container_id: &str) -> String {
     }
 }
 
+/// The host network namespace the spec's container is to join (CRI's pod
+/// netns, `/var/run/netns/cni-…`), if it names one by path.
+pub fn network_namespace(spec: &Value) -> Option<&str> {
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|ns| ns["type"].as_str() == Some("network"))?["path"]
+        .as_str()
+        .filter(|path| !path.is_empty())
+}
+
 /// Whether the container is a CRI sandbox (pause) container.
 pub fn is_cri_sandbox(spec: &Value) -> bool {
     spec["annotations"][ANNOTATION_CONTAINER_TYPE].as_str() == Some("sandbox")
@@ -177,6 +188,18 @@ mod tests {
         assert_eq!(pod_id(&sandbox, "pod1"), "pod1");
         assert!(is_cri_sandbox(&sandbox));
         assert_eq!(pod_id(&json!({}), "c2"), "c2");
+    }
+
+    #[test]
+    fn the_pod_netns_is_the_network_namespace_named_by_path() {
+        let cri = json!({"linux": {"namespaces": [
+            {"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"}]}});
+        assert_eq!(network_namespace(&cri), Some("/var/run/netns/cni-1"));
+        let fresh = json!({"linux": {"namespaces": [{"type": "network"}]}});
+        assert_eq!(network_namespace(&fresh), None);
+        let empty = json!({"linux": {"namespaces": [{"type": "network", "path": ""}]}});
+        assert_eq!(network_namespace(&empty), None);
+        assert_eq!(network_namespace(&json!({})), None);
     }
 
     #[test]
