@@ -52,9 +52,9 @@ build_all() {
     RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" cargo build --quiet --release \
         --target x86_64-unknown-linux-gnu \
         -p agent --bin microvm-agent \
-        -p microvm-tests --bin testhost-init -p rootfs-builder --bin probe-init
+        -p microvm-tests --bin testhost-init --bin netbench -p rootfs-builder --bin probe-init
     local static="$repo/target/x86_64-unknown-linux-gnu/release"
-    cp "$static/microvm-agent" "$static/testhost-init" "$static/probe-init" "$build_dir/"
+    cp "$static/microvm-agent" "$static/testhost-init" "$static/netbench" "$static/probe-init" "$build_dir/"
 
     echo "== host tools"
     cargo build --quiet --workspace --bins

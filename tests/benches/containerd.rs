@@ -13,16 +13,16 @@
 //!    returns: how soon containerd learns that the task died.
 //!
 //! `MICROVM_BENCH_RUNS` sets the number of runs (default 20), after one
-//! unmeasured warm-up run each.
+//! unmeasured warm-up run each; `MICROVM_BENCH_SHIM_DIR` the directory of
+//! the shim (default: the release build if there is one, else the debug
+//! build).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use microvm_tests::bench::{min_med_max, runs, BenchHost};
-use microvm_tests::bench_binary;
+use microvm_tests::bench::{kata_bench_options, min_med_max, runs, BenchHost};
 use microvm_tests::containerd::{
-    Containerd, Options, KATA_HANDLER, KATA_RUNTIME, KATA_SHIM, RUNC_HANDLER, RUNC_RUNTIME,
+    Containerd, KATA_HANDLER, KATA_RUNTIME, KATA_SHIM, RUNC_HANDLER, RUNC_RUNTIME,
 };
 use serde_json::Value;
 
@@ -60,18 +60,7 @@ fn main() -> Result<()> {
             handler: KATA_HANDLER,
         },
     ];
-    let shim: Option<PathBuf> = bench_binary(KATA_SHIM).ok();
-    let mut options = Options::new(env!("CARGO_BIN_EXE_cri"));
-    options
-        .env
-        .push(("MICROVM_AGENT_TIMEOUT".into(), "120".into()));
-    match &shim {
-        Some(path) => {
-            println!("shim: {}", path.display());
-            options.shim_dir = path.parent().context("the shim's directory")?.into();
-        }
-        None => println!("shim: {KATA_SHIM} not built"),
-    }
+    let (options, shim) = kata_bench_options(env!("CARGO_BIN_EXE_cri"))?;
     let bench_host = BenchHost::start()?;
     let mut cd = Containerd::start(&bench_host.host, options)?;
     let version = cd.ctr_ok(&["version"])?;

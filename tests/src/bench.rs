@@ -6,10 +6,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
 
+use anyhow::{Context, Result};
+
+use crate::containerd::{Options, AGENT_TIMEOUT_SECS, KATA_SHIM};
 use crate::testhost::{Config, Supervisor, TestHostError, READY_FILE};
-use crate::{build_dir, Kvm, VmHost};
+use crate::{bench_binary, build_dir, Kvm, VmHost};
 
 /// The thread serving a test host's commands, and how to stop it.
 type Serving = (Arc<AtomicBool>, JoinHandle<Result<(), TestHostError>>);
@@ -87,4 +90,50 @@ pub fn runs(default: usize) -> usize {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(default)
+}
+
+/// Options for a benchmark's containerd whose kata runtime is our shim from
+/// `MICROVM_BENCH_SHIM_DIR` when set, else the release build if there is
+/// one, else the debug build; with the shim found (`None`: not built, the
+/// kata column is left empty). Prints which shim it is, and warns when a
+/// release shim is older than the debug one.
+pub fn kata_bench_options(cri: &str) -> Result<(Options, Option<PathBuf>)> {
+    let shim: Option<PathBuf> = match std::env::var_os("MICROVM_BENCH_SHIM_DIR") {
+        Some(dir) => Some(Path::new(&dir).join(KATA_SHIM)).filter(|p| p.is_file()),
+        None => bench_binary(KATA_SHIM).ok(),
+    };
+    if let Some(warning) = shim.as_deref().and_then(stale_release) {
+        println!("WARNING: {warning}");
+    }
+    let mut options = Options::new(cri);
+    options
+        .env
+        .push(("MICROVM_AGENT_TIMEOUT".into(), AGENT_TIMEOUT_SECS.into()));
+    match &shim {
+        Some(path) => {
+            println!("shim: {}", path.display());
+            options.shim_dir = path.parent().context("the shim's directory")?.into();
+        }
+        None => println!("shim: {KATA_SHIM} not built"),
+    }
+    Ok((options, shim))
+}
+
+/// Whether `shim` is a release build older than the debug build (the VMM
+/// next to it, which the shim runs, likely is too).
+fn stale_release(shim: &Path) -> Option<String> {
+    let dir = shim.parent()?;
+    if dir.file_name()? != "release" {
+        return None;
+    }
+    let debug = dir.parent()?.join("debug").join(KATA_SHIM);
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    (modified(shim)? < modified(&debug)?).then(|| {
+        format!(
+            "{} is older than {}: the kata column measures an older build \
+             (cargo build --release --bins, or MICROVM_BENCH_SHIM_DIR=target/debug)",
+            shim.display(),
+            debug.display()
+        )
+    })
 }

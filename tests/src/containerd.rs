@@ -8,6 +8,14 @@
 //! pulls). Dropping it tears everything down; [`Containerd::leftovers`]
 //! says what a runtime left behind.
 //!
+//! With [`Options::network`] the instance runs in a network namespace of its
+//! own (named after it) with a CNI configuration ([`conflist`]): pods made
+//! with `--pod-network` get a veth on the bridge [`BRIDGE`] there and an
+//! address in [`POD_SUBNET`]; [`Containerd::sh_in_netns`] runs commands on
+//! that side (the "node" of the pods). Bridge, gateway and pods live only in
+//! that namespace, so instances running at once never clash, though they
+//! all use the same names and subnet.
+//!
 //! In an integration test (where cargo sets `CARGO_BIN_EXE_*`):
 //!
 //! ```ignore
@@ -21,11 +29,13 @@
 //! ```
 
 mod config;
+mod network;
 mod pod;
 mod scripts;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -34,6 +44,9 @@ use serde_json::Value;
 use crate::{target_dir, Output, VmHost};
 
 pub use config::{config_toml, pause_archive, IMAGE, KATA_RUNTIME, PAUSE_IMAGE, RUNC_RUNTIME};
+pub use network::{
+    conflist, BRIDGE, CNI_NETWORK, POD_GATEWAY, POD_MTU, POD_PREFIX_LEN, POD_SUBNET,
+};
 pub use pod::Pod;
 
 /// The CRI runtime handler for runc.
@@ -49,6 +62,15 @@ pub const KATA_STATE_ROOT: &str = "/run/microvm";
 /// How long one command may take where VMs run (single-vCPU TCG test hosts
 /// are 10–50 times slower than this machine).
 pub const TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long (seconds) shims started by [`Containerd::start_for_test`] wait
+/// for their agent.
+pub const AGENT_TIMEOUT_SECS: &str = "120";
+
+/// The text of a JSON string value, empty when it is not one.
+pub fn text(value: &Value) -> &str {
+    value.as_str().unwrap_or_default()
+}
 
 /// Where instances keep their directories (where VMs run).
 pub const BASE_DIR: &str = "/run/microvm-containerd";
@@ -71,6 +93,12 @@ pub struct Options {
     pub kata_config: Option<String>,
     /// How long containerd may take to answer after its start, and to stop.
     pub wait: Duration,
+    /// Pod networking: containerd runs in a network namespace made for it
+    /// (`/run/netns/NAME`, deleted at stop), with the CNI configuration
+    /// [`conflist`] (bridge [`BRIDGE`], host-local IPAM in `DIR/ipam`), so
+    /// `--pod-network` pods get an address. Off: containerd runs in the
+    /// caller's network namespace and CNI has no configuration.
+    pub network: bool,
 }
 
 impl Options {
@@ -82,6 +110,7 @@ impl Options {
             debug: false,
             kata_config: None,
             wait: Duration::from_secs(120),
+            network: false,
         }
     }
 
@@ -117,6 +146,9 @@ pub struct Containerd<'h> {
     stopped: bool,
     /// The CRI sandboxes it had made, learnt from its log at teardown.
     sandboxes: Vec<String>,
+    /// The network namespaces of the pods made through
+    /// [`Containerd::run_pod`] (paths), checked for leftovers.
+    pod_netns: Mutex<Vec<String>>,
 }
 
 impl<'h> Containerd<'h> {
@@ -145,6 +177,7 @@ impl<'h> Containerd<'h> {
             pid: 0,
             stopped: false,
             sandboxes: Vec::new(),
+            pod_netns: Mutex::new(Vec::new()),
         };
         let config = config_toml(&cd.dir, cd.options.debug, cd.options.kata_config.as_deref());
         let mut vars = cd.vars();
@@ -158,6 +191,9 @@ impl<'h> Containerd<'h> {
             ("PAUSE_TAR".into(), pause.display().to_string()),
             ("PAUSE_BASE".into(), config::PAUSE_BASE.into()),
         ]);
+        if cd.options.network {
+            vars.push(("CNI_CONFLIST".into(), conflist(&cd.dir)));
+        }
         vars.extend(cd.options.env.iter().cloned());
         let out = cd.script(&scripts::start(), &vars, config.as_bytes())?;
         let text = out.stdout_text();
@@ -205,6 +241,12 @@ impl<'h> Containerd<'h> {
     /// containerd's process id where VMs run.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The name of containerd's network namespace (`/run/netns/NAME`) with
+    /// [`Options::network`].
+    pub fn netns(&self) -> Option<&str> {
+        self.options.network.then_some(self.name.as_str())
     }
 
     /// A container id for `base` (ids are unique per namespace already; this
@@ -291,8 +333,54 @@ impl<'h> Containerd<'h> {
 
     /// Runs a shell script where VMs run, with `D` (the instance's
     /// directory), `S` (its socket), `NS`, `CTR` (`ctr -a S -n NS`), `CRI`
-    /// (`cri --socket S`) and `IMAGE` set.
+    /// (`cri --socket S`) and `IMAGE` set, and with [`Options::network`]
+    /// `NETNS` (containerd's network namespace's name) and `IN_NETNS`
+    /// (`nsenter --net=/run/netns/$NETNS`, a command prefix; empty without).
     pub fn sh(&self, script: &str, stdin: &[u8], timeout: Duration) -> Result<Output> {
+        let vars = self.sh_vars();
+        self.script_with(script, &vars, stdin, timeout)
+    }
+
+    /// Runs a shell script like [`Containerd::sh`], but in containerd's
+    /// network namespace (where the pods' bridge and gateway are), with the
+    /// proxy variables unset (every address there is local). Fails without
+    /// [`Options::network`].
+    pub fn sh_in_netns(&self, script: &str, stdin: &[u8], timeout: Duration) -> Result<Output> {
+        let Some(netns) = self.netns() else {
+            bail!(
+                "containerd {} has no network namespace (Options::network)",
+                self.name
+            );
+        };
+        let script = format!(
+            "unset http_proxy https_proxy ftp_proxy all_proxy no_proxy \
+             HTTP_PROXY HTTPS_PROXY FTP_PROXY ALL_PROXY NO_PROXY\n{script}"
+        );
+        let mut argv: Vec<String> = vec!["nsenter".into(), format!("--net=/run/netns/{netns}")];
+        argv.push("env".into());
+        argv.extend(self.sh_vars().iter().map(|(k, v)| format!("{k}={v}")));
+        argv.extend(["sh".into(), "-c".into(), script]);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.host.run(&argv, stdin, timeout)
+    }
+
+    /// [`Containerd::sh_in_netns`] that must succeed: its stdout.
+    pub fn sh_in_netns_ok(&self, script: &str, timeout: Duration) -> Result<String> {
+        let out = self.sh_in_netns(script, b"", timeout)?;
+        if !out.status.success() || out.timed_out {
+            bail!(
+                "in containerd's netns, `{script}` ended with {:?}{}:\n{}{}",
+                out.status,
+                if out.timed_out { " (timed out)" } else { "" },
+                out.stdout_text(),
+                out.stderr_text()
+            );
+        }
+        Ok(out.stdout_text())
+    }
+
+    /// The variables of [`Containerd::sh`].
+    fn sh_vars(&self) -> Vec<(String, String)> {
         let socket = self.socket().display().to_string();
         let mut vars = self.vars();
         vars.extend([
@@ -303,8 +391,14 @@ impl<'h> Containerd<'h> {
                 format!("{} --socket {socket}", self.options.cri.display()),
             ),
             ("IMAGE".into(), IMAGE.into()),
+            (
+                "IN_NETNS".into(),
+                self.netns()
+                    .map(|n| format!("nsenter --net=/run/netns/{n}"))
+                    .unwrap_or_default(),
+            ),
         ]);
-        self.script_with(script, &vars, stdin, timeout)
+        vars
     }
 
     /// A file's content where VMs run (a CRI log, say).
@@ -335,8 +429,13 @@ impl<'h> Containerd<'h> {
     /// under or over its directory or in our shim's pod directories; those
     /// directories ([`KATA_STATE_ROOT`]); container cgroups; runc state; and
     /// shim sockets in `/run/containerd/s` nobody listens on (any
-    /// instance's).
-    /// After [`Containerd::stop`], also the directory and cgroups themselves.
+    /// instance's). With [`Options::network`]: veths or `tap*_mvm` links in
+    /// containerd's network namespace, addresses still reserved in its IPAM
+    /// state, CNI's cached results of its sandboxes (`/var/lib/cni/results`),
+    /// and the network namespaces of pods made with [`Containerd::run_pod`]
+    /// (with any `tap*_mvm` link or ingress qdisc in them).
+    /// After [`Containerd::stop`], also the directory and cgroups themselves,
+    /// and containerd's network namespace.
     pub fn leftovers(&self) -> Result<Vec<String>> {
         let mut vars = self.vars();
         vars.push((
@@ -357,6 +456,38 @@ impl<'h> Containerd<'h> {
             .filter_map(|l| l.strip_prefix("LEFTOVER "))
             .map(String::from)
             .collect())
+    }
+
+    /// Starts containerd for a test: shims get [`AGENT_TIMEOUT_SECS`] to
+    /// reach their agent (TCG test hosts are slow), and a failure panics
+    /// with containerd's reason.
+    pub fn start_for_test(host: &'h VmHost, mut options: Options) -> Containerd<'h> {
+        options
+            .env
+            .push(("MICROVM_AGENT_TIMEOUT".into(), AGENT_TIMEOUT_SECS.into()));
+        match Containerd::start(host, options) {
+            Ok(cd) => cd,
+            Err(e) => panic!("containerd did not start: {e:#}"),
+        }
+    }
+
+    /// Asserts that nothing of the instance's pods and containers is left,
+    /// both while containerd still runs and after it stopped (and that
+    /// stopping needed no force).
+    pub fn assert_nothing_left(mut self) {
+        let running = self.leftovers().expect("looking for leftovers");
+        let log = if running.is_empty() {
+            String::new()
+        } else {
+            self.log_tail()
+        };
+        let forced = self.stop().expect("stopping containerd");
+        let stopped = self.leftovers().expect("looking for leftovers");
+        assert!(
+            running.is_empty() && forced.is_empty() && stopped.is_empty(),
+            "left behind while containerd ran: {running:#?}\nforced at teardown: {forced:#?}\n\
+             left after it stopped: {stopped:#?}{log}"
+        );
     }
 
     /// Tears the instance down: removes every pod, task and container
@@ -394,7 +525,14 @@ impl<'h> Containerd<'h> {
 
     /// The variables every script gets (see `scripts.rs`).
     fn vars(&self) -> Vec<(String, String)> {
+        let pod_netns = self
+            .pod_netns
+            .lock()
+            .map(|v| v.join(" "))
+            .unwrap_or_default();
         vec![
+            ("NETNS".into(), self.netns().unwrap_or_default().into()),
+            ("POD_NETNS".into(), pod_netns),
             ("D".into(), self.dir.display().to_string()),
             ("NAME".into(), self.name.clone()),
             ("NS".into(), self.name.clone()),

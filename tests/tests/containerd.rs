@@ -12,7 +12,8 @@
 use std::time::Duration;
 
 use microvm_tests::containerd::{
-    Containerd, Options, IMAGE, KATA_HANDLER, KATA_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME, TIMEOUT,
+    text, Containerd, Options, IMAGE, KATA_HANDLER, KATA_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME,
+    TIMEOUT,
 };
 use microvm_tests::{vm_host, ExitStatus, VmHost};
 use serde_json::Value;
@@ -28,39 +29,7 @@ fn containerd(runtime: &str) -> Containerd<'static> {
     if let Err(e) = options.require_shim(runtime) {
         panic!("the {runtime} tests cannot run: {e:#}");
     }
-    containerd_with(options)
-}
-
-fn containerd_with(mut options: Options) -> Containerd<'static> {
-    options
-        .env
-        .push(("MICROVM_AGENT_TIMEOUT".into(), "120".into()));
-    match Containerd::start(host(), options) {
-        Ok(cd) => cd,
-        Err(e) => panic!("containerd did not start: {e:#}"),
-    }
-}
-
-/// Asserts that nothing of `cd`'s containers is left, both while containerd
-/// still runs and after it stopped (and that stopping needed no force).
-fn assert_nothing_left(mut cd: Containerd) {
-    let running = cd.leftovers().expect("looking for leftovers");
-    let log = if running.is_empty() {
-        String::new()
-    } else {
-        cd.log_tail()
-    };
-    let forced = cd.stop().expect("stopping containerd");
-    let stopped = cd.leftovers().expect("looking for leftovers");
-    assert!(
-        running.is_empty() && forced.is_empty() && stopped.is_empty(),
-        "left behind while containerd ran: {running:#?}\nforced at teardown: {forced:#?}\n\
-         left after it stopped: {stopped:#?}{log}"
-    );
-}
-
-fn text(value: &Value) -> &str {
-    value.as_str().unwrap_or_default()
+    Containerd::start_for_test(host(), options)
 }
 
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
@@ -142,7 +111,7 @@ fn ctr_run_exit_code(runtime: &str) {
         cd.log_tail()
     );
     assert_kernel(&cd, runtime, out.stderr_text().trim());
-    assert_nothing_left(cd);
+    cd.assert_nothing_left();
 }
 
 /// The task API through ctr on a detached task: exec (with and without a
@@ -226,7 +195,7 @@ fn ctr_task_lifecycle(runtime: &str) {
     );
     cd.ctr_ok(&["task", "rm", &id]).unwrap();
     cd.ctr_ok(&["container", "rm", &id]).unwrap();
-    assert_nothing_left(cd);
+    cd.assert_nothing_left();
 }
 
 /// `ctr run -d` of a `sleep` task `id` with `runtime`.
@@ -280,7 +249,7 @@ fn killed_task_process(runtime: &str) {
     assert_eq!(task_state(&cd, &id), "STOPPED");
     cd.ctr_ok(&["task", "rm", &id]).unwrap();
     cd.ctr_ok(&["container", "rm", &id]).unwrap();
-    assert_nothing_left(cd);
+    cd.assert_nothing_left();
 }
 
 /// SIGKILL to the task's shim: containerd cleans up with the shim's
@@ -334,7 +303,7 @@ fn killed_shim(runtime: &str) {
         )
         .unwrap();
     }
-    assert_nothing_left(cd);
+    cd.assert_nothing_left();
 }
 
 /// A pod with two containers, kubelet's way: one that exits with output on
@@ -484,7 +453,7 @@ fn cri_pod_with_two_containers(handler: &str) {
     cd.cri(&["rmp", &pod_id]).unwrap();
     let pods = cd.cri(&["pods"]).unwrap();
     assert_eq!(pods["items"], Value::Array(vec![]), "{pods}");
-    assert_nothing_left(cd);
+    cd.assert_nothing_left();
 }
 
 #[test]
@@ -583,7 +552,7 @@ fn installed_runtime_runs_a_pod_with_its_configuration() {
     let mut options = Options::new(env!("CARGO_BIN_EXE_cri"));
     options.shim_dir = format!("{dir}/bin").into();
     options.kata_config = Some(config);
-    let cd = containerd_with(options);
+    let cd = Containerd::start_for_test(host(), options);
     let pod = cd.pod("installed", KATA_HANDLER);
     let pod_id = cd.run_pod(&pod).unwrap();
     let sleeper = cd
@@ -617,7 +586,7 @@ fn installed_runtime_runs_a_pod_with_its_configuration() {
     );
     cd.cri(&["stopp", &pod_id]).unwrap();
     cd.cri(&["rmp", &pod_id]).unwrap();
-    assert_nothing_left(cd);
+    cd.assert_nothing_left();
     host().run(&["rm", "-rf", &dir], b"", TIMEOUT).unwrap();
 }
 

@@ -313,3 +313,75 @@ fn sigterm_to_microvm_reaches_the_command() {
         out.stderr_text()
     );
 }
+
+/// `--net`: the container has eth0 = 10.201.N.2/30 with a default route via
+/// the host end `mvh<pid>` (10.201.N.1), MTU 1500, the host's resolv.conf
+/// read-only; what it sends to the host end arrives; afterwards no `mvh*`
+/// link is left.
+#[test]
+fn net_gives_the_container_a_nic_to_the_host() {
+    let guest = "ip -o -4 addr show eth0; ip route; cat /sys/class/net/eth0/mtu; \
+                 gw=$(ip route | sed -n \"s/^default via \\([0-9.]*\\).*/\\1/p\"); \
+                 echo hello-from-the-guest | nc $gw 47123; \
+                 (echo x >> /etc/resolv.conf) 2>/dev/null && echo resolv-writable; \
+                 echo --resolv--; cat /etc/resolv.conf";
+    let script = format!(
+        "set -u; d=$(mktemp -d); \
+         timeout 250 busybox nc -l -p 47123 > $d/got & listener=$!; sleep 0.5; \
+         {m} run --net -- sh -c '{guest}' > $d/out 2> $d/err; echo rc=$?; \
+         wait $listener; echo got=$(cat $d/got); \
+         cat $d/out; cat $d/err >&2; \
+         sed -n '/^--resolv--$/,$p' $d/out | tail -n +2 | cmp -s - /etc/resolv.conf && echo resolv-same; \
+         echo leftover-links: $(ip -o link show | grep -c ': mvh'); rm -rf $d",
+        m = microvm()
+    );
+    let out = sh(&script);
+    let text = out.stdout_text();
+    let why = format!("{text} / {}", out.stderr_text());
+    assert!(text.contains("rc=0"), "{why}");
+    let address = text
+        .lines()
+        .find(|l| l.contains("eth0") && l.contains("inet "))
+        .unwrap_or_else(|| panic!("no IPv4 address on eth0: {why}"));
+    assert!(
+        address.contains("inet 10.201.") && address.contains("/30"),
+        "{why}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("default via 10.201.") && l.contains("eth0")),
+        "{why}"
+    );
+    assert!(text.lines().any(|l| l.trim() == "1500"), "{why}");
+    assert!(text.contains("got=hello-from-the-guest"), "{why}");
+    assert!(!text.contains("resolv-writable"), "{why}");
+    assert!(text.contains("resolv-same"), "{why}");
+    assert!(text.contains("leftover-links: 0"), "{why}");
+}
+
+/// `--net` after a SIGKILL of microvm: the anonymous namespace dies with
+/// it (the VMM too, by PDEATHSIG), taking the veth pair and so `mvh<pid>`.
+#[test]
+fn net_leaves_no_link_when_microvm_is_killed() {
+    let script = format!(
+        "set -u; {m} run --net -- sh -c 'echo ready; sleep 600' > $$.out 2>&1 & pid=$!; \
+         for i in $(seq 1 1200); do grep -q ready $$.out 2>/dev/null && break; sleep 0.1; done; \
+         echo links-while-running: $(ip -o link show | grep -c \": mvh$pid\"); \
+         kill -KILL $pid; wait $pid; \
+         for i in $(seq 1 100); do ip -o link show | grep -q \": mvh$pid\" || break; sleep 0.1; done; \
+         echo leftover-links: $(ip -o link show | grep -c \": mvh$pid\"); rm -f $$.out",
+        m = microvm()
+    );
+    let out = sh(&script);
+    let text = out.stdout_text();
+    assert!(
+        text.contains("links-while-running: 1"),
+        "{text} / {}",
+        out.stderr_text()
+    );
+    assert!(
+        text.contains("leftover-links: 0"),
+        "{text} / {}",
+        out.stderr_text()
+    );
+}

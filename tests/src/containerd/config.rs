@@ -14,7 +14,8 @@ use crate::{artifact, target_dir};
 /// state, sockets and the opt plugin's directory inside it; CRI with
 /// `restrict_oom_score_adj` (root here lacks CAP_SYS_RESOURCE), the
 /// imported pause image, no AppArmor, a stream server on a free port,
-/// CNI configuration from `dir/cni` (empty: pods use the node's network),
+/// CNI configuration from `dir/cni` (empty unless the instance has pod
+/// networking: see `network.rs`),
 /// and the runtime handlers `runc` (io.containerd.runc.v2, the default) and
 /// `kata` (io.containerd.kata.v2, with the runtime option `ConfigPath` =
 /// `kata_config` when given).

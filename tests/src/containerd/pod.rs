@@ -50,12 +50,16 @@ impl Containerd<'_> {
         }
     }
 
-    /// RunPodSandbox: the pod's id.
+    /// RunPodSandbox: the pod's id. With [`super::Options::network`], the
+    /// pod's network namespace is remembered for the leftover search.
     pub fn run_pod(&self, pod: &Pod) -> Result<String> {
         let mut args = vec!["runp".to_string(), "--handler".into(), pod.handler.clone()];
         args.extend(pod.args());
         let answer = self.cri(&as_strs(&args))?;
-        string_field(&answer, "pod_id")
+        let id = string_field(&answer, "pod_id")?;
+        self.track_pod_netns(&id)
+            .with_context(|| format!("finding pod {id}'s network namespace"))?;
+        Ok(id)
     }
 
     /// CreateContainer in pod `pod_id` of `name` from [`super::IMAGE`]

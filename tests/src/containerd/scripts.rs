@@ -9,7 +9,11 @@
 //! - `SHIM_STATE`: where our shim keeps its pods (`/run/microvm`), as
 //!   `$SHIM_STATE/NAMESPACE/POD`;
 //! - `SANDBOXES`: once containerd's log is gone, the CRI sandbox ids it
-//!   had made (before, they are read from the log).
+//!   had made (before, they are read from the log);
+//! - `NETNS`: with pod networking, containerd's network namespace's name
+//!   (`/run/netns/$NETNS`), else empty;
+//! - `POD_NETNS`: the network namespaces (paths) of the pods the tests
+//!   made, space-separated.
 //!
 //! Processes belong to an instance when their command line, environment or
 //! working directory names a path under `$D` (containerd, its shims and
@@ -82,6 +86,22 @@ for tool in containerd ctr; do
 done
 mkdir -p "$D/root" "$D/state" "$D/cni" "$D/opt" "$D/logs"
 cat > "$D/config.toml"
+in_netns=""
+if [ -n "$NETNS" ]; then
+    for tool in ip nsenter tc; do
+        command -v $tool >/dev/null || { echo "$tool is not installed (Debian packages iproute2, util-linux)" >&2; exit 1; }
+    done
+    for plugin in bridge host-local loopback; do
+        [ -x "/usr/lib/cni/$plugin" ] || { echo "/usr/lib/cni/$plugin is missing (Debian package containernetworking-plugins; scripts/setup.sh installs it)" >&2; exit 1; }
+    done
+    ip netns add "$NETNS"
+    ip -n "$NETNS" link set lo up
+    mkdir -p "$D/ipam"
+    printf '%s\n' "$CNI_CONFLIST" > "$D/cni/10-microvm.conflist"
+    # Not `ip netns exec`: it would also give containerd a mount namespace
+    # of its own, hiding its mounts from the scripts.
+    in_netns="nsenter --net=/run/netns/$NETNS"
+fi
 cg=""
 if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
     cg=/sys/fs/cgroup/$NAME/containerd
@@ -90,7 +110,7 @@ fi
 PATH="$SHIM_PATH:$PATH" setsid sh -c '
     echo $$ > "$D/containerd.pid"
     [ -z "$1" ] || echo $$ > "$1/cgroup.procs"
-    exec containerd --config "$D/config.toml"' sh "$cg" </dev/null >"$D/containerd.log" 2>&1 &
+    exec $2 containerd --config "$D/config.toml"' sh "$cg" "$in_netns" </dev/null >"$D/containerd.log" 2>&1 &
 tries=$((WAIT * 10))
 until ctr -a "$S" version >/dev/null 2>&1; do
     pid=$(containerd_pid)
@@ -145,19 +165,67 @@ for cg in $(cgroups); do
     fi | while read -r c; do echo "LEFTOVER cgroup: $c"; done
 done
 [ -n "$(ls -A "/run/containerd/runc/$NS" 2>/dev/null)" ] && echo "LEFTOVER runc state: /run/containerd/runc/$NS/*"
+if [ -n "$NETNS" ]; then
+    if [ "$RUNNING" = 1 ]; then
+        # The pods' ends of their veths, and taps, in containerd's netns.
+        ip -n "$NETNS" -o link show 2>/dev/null | while read -r _ link _; do
+            link=${link%:}; link=${link%%@*}
+            case "$link" in
+                tap*_mvm) echo "LEFTOVER tap in containerd's netns: $link" ;;
+                veth*) echo "LEFTOVER veth in containerd's netns: $link" ;;
+            esac
+        done
+        # host-local keeps one file per reserved address, named after it.
+        for f in "$D/ipam/"*/*; do
+            [ -f "$f" ] || continue
+            case "${f##*/}" in lock | last_reserved_ip.*) continue ;; esac
+            echo "LEFTOVER IPAM reservation: ${f##*/} for $(head -n 1 "$f")"
+        done
+    elif [ -e "/run/netns/$NETNS" ]; then
+        echo "LEFTOVER network namespace: /run/netns/$NETNS"
+    fi
+    for ns in $POD_NETNS; do
+        [ -e "$ns" ] || continue
+        echo "LEFTOVER pod network namespace: $ns"
+        nsenter --net="$ns" ip -o link show 2>/dev/null | grep -o 'tap[^:@ ]*_mvm' | sed "s#^#LEFTOVER tap in $ns: #"
+        nsenter --net="$ns" tc qdisc show 2>/dev/null | grep -F ingress | sed "s#^#LEFTOVER qdisc in $ns: #"
+    done
+    for id in $(sandboxes); do
+        for f in /var/lib/cni/results/*-"$id"-*; do
+            [ -e "$f" ] && echo "LEFTOVER CNI result cache: $f"
+        done
+    done
+fi
 for pod in $(shim_dirs); do echo "LEFTOVER shim state: $pod"; done
 # Shim sockets nobody listens on (any instance's: their names are hashes).
 # Checked twice, a second apart, to let a shim that is closing finish.
+# /proc/net/unix lists the sockets of one network namespace: shims of
+# instances with pod networking listen in containerd's, so every network
+# namespace's list counts (read through one process in each).
+listening() {
+    find /proc/[0-9]*/ns -maxdepth 1 -name net -printf '%l %h\n' 2>/dev/null | sort -u -k1,1 |
+        while read -r _ ns; do [ -z "$ns" ] || cat "${ns%/ns}/net/unix" 2>/dev/null; done
+}
 stale() {
     for s in /run/containerd/s/*; do
         [ -S "$s" ] && ! grep -q " $s\$" /proc/net/unix && echo "$s"
     done
     return 0
 }
-first=$(stale)
+# Of these, those not listened on in any network namespace.
+stale_everywhere() {
+    candidates=$(stale)
+    [ -n "$candidates" ] || return 0
+    all=$(listening)
+    for s in $candidates; do
+        printf '%s\n' "$all" | grep -q " $s\$" || echo "$s"
+    done
+    return 0
+}
+first=$(stale_everywhere)
 if [ -n "$first" ]; then
     sleep 1
-    for s in $(stale); do
+    for s in $(stale_everywhere); do
         case "$first" in *"$s"*) echo "LEFTOVER socket without a listener: $s" ;; esac
     done
 fi
@@ -209,7 +277,21 @@ while [ -n "$(in_cgroups)" ] && [ "$tries" -gt 0 ]; do sleep 0.1; tries=$((tries
 for m in $(our_mounts); do
     umount "$m" 2>/dev/null || umount -l "$m" || echo "WARNING: cannot unmount $m"
 done
-for id in $(sandboxes); do echo "SANDBOX $id"; done
+for id in $(sandboxes); do
+    echo "SANDBOX $id"
+    for f in /var/lib/cni/results/*-"$id"-*; do
+        [ -e "$f" ] && { echo "WARNING: removing CNI's cached $f"; rm -f "$f"; }
+    done
+done
+for ns in $POD_NETNS; do
+    [ -e "$ns" ] || continue
+    echo "WARNING: removing the pod network namespace $ns"
+    umount "$ns" 2>/dev/null || umount -l "$ns" 2>/dev/null
+    rm -f "$ns" || echo "WARNING: cannot remove $ns"
+done
+if [ -n "$NETNS" ] && [ -e "/run/netns/$NETNS" ]; then
+    ip netns del "$NETNS" || echo "WARNING: cannot delete the network namespace $NETNS"
+fi
 for pod in $(shim_dirs); do
     echo "WARNING: removing the shim's $pod"
     rm -rf "$pod" || echo "WARNING: cannot remove $pod"

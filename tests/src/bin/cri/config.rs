@@ -3,9 +3,9 @@
 
 use anyhow::{bail, Result};
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ImageSpec, KeyValue, LinuxContainerConfig,
+    ContainerConfig, ContainerMetadata, DnsConfig, ImageSpec, KeyValue, LinuxContainerConfig,
     LinuxContainerResources, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
     PodSandboxMetadata,
 };
 
@@ -19,7 +19,10 @@ use crate::args::Args;
 /// `--pod-uid U` (default `<name>-uid`), `--attempt N`, `--log-dir D`,
 /// `--cgroup-parent P`, `--hostname H`, `--pod-network` (a network namespace
 /// of its own, set up by CNI; the default is the node's network, which needs
-/// no CNI configuration), `--pod-label K=V`, `--pod-annotation K=V`.
+/// no CNI configuration), `--dns-server IP`, `--dns-search DOMAIN`,
+/// `--dns-option OPT` (each repeatable: the pod's `dns_config`, from which
+/// containerd writes its `resolv.conf`; none: the node's), `--pod-label K=V`,
+/// `--pod-annotation K=V`.
 pub fn pod_config(args: &mut Args) -> Result<PodSandboxConfig> {
     let Some(name) = args.value("pod-name") else {
         bail!("--pod-name is required");
@@ -30,6 +33,17 @@ pub fn pod_config(args: &mut Args) -> Result<PodSandboxConfig> {
     if pod_network && host_network {
         bail!("--pod-network and --host-network exclude each other");
     }
+    let (servers, searches, options) = (
+        args.values("dns-server"),
+        args.values("dns-search"),
+        args.values("dns-option"),
+    );
+    let dns_config = (!servers.is_empty() || !searches.is_empty() || !options.is_empty())
+        .then_some(DnsConfig {
+            servers,
+            searches,
+            options,
+        });
     let namespace_options = NamespaceOption {
         network: if pod_network {
             NamespaceMode::Pod
@@ -52,6 +66,7 @@ pub fn pod_config(args: &mut Args) -> Result<PodSandboxConfig> {
             name,
         }),
         hostname: args.value("hostname").unwrap_or_default(),
+        dns_config,
         log_directory: args.value("log-dir").unwrap_or_default(),
         labels: args.pairs("pod-label")?.into_iter().collect(),
         annotations: args.pairs("pod-annotation")?.into_iter().collect(),
@@ -73,7 +88,9 @@ pub fn pod_config(args: &mut Args) -> Result<PodSandboxConfig> {
 /// entrypoint instead), `--env K=V`, `--workdir D`, `--label K=V`,
 /// `--annotation K=V`, `--log-path P` (relative to the pod's log directory;
 /// default `<name>_0.log`), `--tty`, `--stdin`, `--privileged`,
-/// `--memory BYTES`, `--cpu-quota N` with `--cpu-period N`.
+/// `--memory BYTES`, `--cpu-quota N` with `--cpu-period N`,
+/// `--mount HOST:CTR[:ro]` (repeatable: a bind mount of `HOST`, read-only
+/// with `:ro`).
 pub fn container_config(args: &mut Args) -> Result<ContainerConfig> {
     let (Some(name), Some(image)) = (args.value("name"), args.value("image")) else {
         bail!("--name and --image are required");
@@ -85,6 +102,11 @@ pub fn container_config(args: &mut Args) -> Result<ContainerConfig> {
         ..Default::default()
     };
     let privileged = args.switch("privileged");
+    let mounts = args
+        .values("mount")
+        .iter()
+        .map(|m| parse_mount(m))
+        .collect::<Result<Vec<_>>>()?;
     Ok(ContainerConfig {
         metadata: Some(ContainerMetadata {
             name: name.clone(),
@@ -102,6 +124,7 @@ pub fn container_config(args: &mut Args) -> Result<ContainerConfig> {
             .into_iter()
             .map(|(key, value)| KeyValue { key, value })
             .collect(),
+        mounts,
         labels: args.pairs("label")?.into_iter().collect(),
         annotations: args.pairs("annotation")?.into_iter().collect(),
         log_path: args
@@ -116,6 +139,25 @@ pub fn container_config(args: &mut Args) -> Result<ContainerConfig> {
                 ..Default::default()
             }),
         }),
+        ..Default::default()
+    })
+}
+
+/// `HOST:CTR` or `HOST:CTR:ro` as a CRI mount (private propagation).
+fn parse_mount(text: &str) -> Result<Mount> {
+    let (host_path, container_path, readonly) = match text.split(':').collect::<Vec<_>>()[..] {
+        [host, ctr] => (host, ctr, false),
+        [host, ctr, "ro"] => (host, ctr, true),
+        [host, ctr, "rw"] => (host, ctr, false),
+        _ => bail!("--mount {text:?}: expected HOST:CTR[:ro]"),
+    };
+    if !host_path.starts_with('/') || !container_path.starts_with('/') {
+        bail!("--mount {text:?}: both paths must be absolute");
+    }
+    Ok(Mount {
+        host_path: host_path.into(),
+        container_path: container_path.into(),
+        readonly,
         ..Default::default()
     })
 }
@@ -149,6 +191,40 @@ mod tests {
         assert_eq!(linux.cgroup_parent, "/x");
         let ns = linux.security_context.unwrap().namespace_options.unwrap();
         assert_eq!(ns.network, NamespaceMode::Node as i32);
+    }
+
+    #[test]
+    fn dns_options_make_the_dns_config() {
+        let mut a = args(
+            "--pod-name p --hostname h1 --dns-server 10.0.0.53 --dns-server 10.0.0.54 \
+             --dns-search example.test --dns-option ndots:2",
+        );
+        let pod = pod_config(&mut a).unwrap();
+        a.finish().unwrap();
+        assert_eq!(pod.hostname, "h1");
+        let dns = pod.dns_config.unwrap();
+        assert_eq!(dns.servers, vec!["10.0.0.53", "10.0.0.54"]);
+        assert_eq!(dns.searches, vec!["example.test"]);
+        assert_eq!(dns.options, vec!["ndots:2"]);
+        let mut a = args("--pod-name p");
+        assert!(pod_config(&mut a).unwrap().dns_config.is_none());
+    }
+
+    #[test]
+    fn mounts_are_host_colon_container_with_an_optional_ro() {
+        let mut a = args("--name c --image i --mount /a:/b --mount /c:/d:ro");
+        let c = container_config(&mut a).unwrap();
+        a.finish().unwrap();
+        let got: Vec<_> = c
+            .mounts
+            .iter()
+            .map(|m| (m.host_path.as_str(), m.container_path.as_str(), m.readonly))
+            .collect();
+        assert_eq!(got, vec![("/a", "/b", false), ("/c", "/d", true)]);
+        for bad in ["/a", "/a:/b:x", "a:/b"] {
+            let mut a = args(&format!("--name c --image i --mount {bad}"));
+            assert!(container_config(&mut a).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -24,7 +24,9 @@ const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
 const USAGE: &str = r#"usage: cri [--socket PATH] [--timeout SECS] COMMAND ...
   version | info                      RuntimeService Version / Status
   runp POD_OPTIONS [--handler H]      RunPodSandbox -> {"pod_id"}
-  inspectp [--verbose] POD            PodSandboxStatus
+  inspectp [--verbose] POD            PodSandboxStatus (the pod IP is
+                                      status.network.ip; --verbose adds
+                                      containerd's info, its JSON decoded)
   create POD POD_OPTIONS CONTAINER_OPTIONS [-- CMD...] -> {"container_id"}
   start | rm ID                       StartContainer / RemoveContainer
   stop [--grace SECS] ID              StopContainer
@@ -41,10 +43,12 @@ const USAGE: &str = r#"usage: cri [--socket PATH] [--timeout SECS] COMMAND ...
 
 POD_OPTIONS: --pod-name N [--pod-namespace NS] [--pod-uid U] [--attempt N]
   [--log-dir D] [--cgroup-parent P] [--hostname H] [--pod-network]
+  [--dns-server IP]... [--dns-search DOMAIN]... [--dns-option OPT]...
   [--pod-label K=V]... [--pod-annotation K=V]...
 CONTAINER_OPTIONS: --name N --image I [--arg A]... [--env K=V]... [--workdir D]
   [--label K=V]... [--annotation K=V]... [--log-path P] [--tty] [--stdin]
   [--privileged] [--memory BYTES] [--cpu-quota N --cpu-period N]
+  [--mount HOST:CTR[:ro]]...
 
 The socket defaults to $CONTAINERD_ADDRESS, else /run/containerd/containerd.sock.
 Every answer carries elapsed_ms, the time the command's calls took. Errors go
@@ -133,6 +137,18 @@ fn name_container_state(state: &mut Value) {
     if let Some(n) = state.as_i64() {
         if let Ok(s) = ContainerState::try_from(n as i32) {
             *state = json!(s.as_str_name());
+        }
+    }
+}
+
+/// Decodes the values of a verbose answer's `info` map that are JSON text
+/// (containerd's `info`: the sandbox's runtime spec, CNI result, …).
+fn decode_info(info: &mut Value) {
+    if let Value::Object(fields) = info {
+        for value in fields.values_mut() {
+            if let Some(decoded) = value.as_str().and_then(|t| serde_json::from_str(t).ok()) {
+                *value = decoded;
+            }
         }
     }
 }
@@ -283,6 +299,7 @@ impl Client {
                     .map_err(status)?;
                 let mut answer = to_json(r.get_ref())?;
                 name_pod_state(&mut answer["status"]["state"]);
+                decode_info(&mut answer["info"]);
                 answer
             }
             Command::Create(pod, pod_config, config) => {
