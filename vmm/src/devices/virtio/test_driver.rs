@@ -33,6 +33,9 @@ const BUFFERS: u64 = 0x10_0000;
 pub(crate) const NEXT: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
 /// VRING_DESC_F_WRITE: the buffer is device-writable.
 pub(crate) const WRITE: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+/// VRING_DESC_F_INDIRECT: the buffer is a table of descriptors.
+pub(crate) const INDIRECT: u16 =
+    virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
 /// What device-writable buffers hold before the device writes them.
 pub(crate) const POISON: u8 = 0xab;
 
@@ -147,6 +150,38 @@ impl<'a> GuestDriver<'a> {
         } else {
             self.next_desc[queue]
         };
+        let (descriptors, placed) = self.chain(buffers, first);
+        self.publish(queue, first, &descriptors);
+        placed
+    }
+
+    /// Posts one chain on `queue` as an indirect table (VRING_DESC_F_INDIRECT:
+    /// the ring holds one descriptor pointing at a table of `buffers` in
+    /// guest memory); returns the buffers' (address, len).
+    pub(crate) fn post_indirect(&mut self, queue: usize, buffers: &[Buffer]) -> Vec<(u64, u32)> {
+        let (descriptors, placed) = self.chain(buffers, 0);
+        let table_len = (descriptors.len() * std::mem::size_of::<RawDescriptor>()) as u32;
+        let table = self.allocate(table_len);
+        for (i, descriptor) in descriptors.iter().enumerate() {
+            let at = table + (i * std::mem::size_of::<RawDescriptor>()) as u64;
+            self.memory
+                .write_obj(*descriptor, GuestAddress(at))
+                .unwrap();
+        }
+        let head = if self.next_desc[queue] >= QUEUE_LEN {
+            0
+        } else {
+            self.next_desc[queue]
+        };
+        let indirect = SplitDescriptor::new(table, table_len, INDIRECT, 0);
+        self.publish(queue, head, &[RawDescriptor::from(indirect)]);
+        placed
+    }
+
+    /// The descriptors of a chain of `buffers` whose first descriptor has
+    /// index `first` (buffers allocated and filled), and the buffers'
+    /// (address, len).
+    fn chain(&mut self, buffers: &[Buffer], first: u16) -> (Vec<RawDescriptor>, Vec<(u64, u32)>) {
         let mut descriptors = Vec::new();
         let mut placed = Vec::new();
         for (i, buffer) in buffers.iter().enumerate() {
@@ -178,8 +213,7 @@ impl<'a> GuestDriver<'a> {
             )));
             placed.push((address, len));
         }
-        self.publish(queue, first, &descriptors);
-        placed
+        (descriptors, placed)
     }
 
     /// Stores `descriptors` in `queue`'s table from index `head` on, makes
