@@ -48,12 +48,14 @@ build_all() {
 
     echo "== static guest binaries (microvm-agent, testhost-init, probe-init)"
     # An explicit --target keeps +crt-static away from build scripts and proc macros.
-    # Stripped: the guest unpacks the initramfs at every boot.
-    RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" cargo build --quiet --release \
+    # Stripped and built for size (profile "guest": LTO, opt-level s; 5.1
+    # instead of 6.9 MB for the agent): the guest unpacks the initramfs at
+    # every boot and keeps it in its RAM.
+    RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" cargo build --quiet --profile guest \
         --target x86_64-unknown-linux-gnu \
         -p agent --bin microvm-agent \
         -p microvm-tests --bin testhost-init --bin netbench -p rootfs-builder --bin probe-init
-    local static="$repo/target/x86_64-unknown-linux-gnu/release"
+    local static="$repo/target/x86_64-unknown-linux-gnu/guest"
     cp "$static/microvm-agent" "$static/testhost-init" "$static/netbench" "$static/probe-init" "$build_dir/"
 
     echo "== host tools"
