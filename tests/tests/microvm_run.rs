@@ -222,6 +222,33 @@ fn no_kvm_device_is_one_clear_line() {
 }
 
 #[test]
+fn help_is_usage_on_stdout_and_a_bad_option_is_named() {
+    // No VM: runs on this machine itself.
+    let run = |args: &[&str]| {
+        std::process::Command::new(microvm())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["run", "--help"][..],
+        &["run", "-e", "A=1", "-h"],
+        &["ctl", "--help"],
+    ] {
+        let out = run(args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(stdout.starts_with("usage: microvm"), "{args:?}: {stdout}");
+    }
+    let out = run(&["run", "--bogus", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown option --bogus"),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn a_pvm_host_refuses_a_non_pvm_kernel_up_front() {
     // This one runs on this machine itself, not in the test host.
     if microvm_tests::Kvm::detect() != microvm_tests::Kvm::Pvm {

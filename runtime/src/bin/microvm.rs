@@ -144,7 +144,9 @@ fn parse_user(value: &str) -> Result<(u32, u32)> {
     Ok((uid, gid))
 }
 
-fn parse_run(args: &[String]) -> Result<RunOptions> {
+/// `microvm run`'s options; `None` when `-h`/`--help` came before the
+/// command.
+fn parse_run(args: &[String]) -> Result<Option<RunOptions>> {
     let mut vm = VmFlags::default();
     let mut container = ContainerOptions {
         hostname: "microvm".into(),
@@ -190,6 +192,7 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
             "-t" | "--tty" => container.terminal = true,
             "--read-only" => container.read_only = true,
             "--hostname" => container.hostname = value()?.clone(),
+            "-h" | "--help" => return Ok(None),
             "--guest" => guest = true,
             "--agent-socket" => agent_socket = Some(PathBuf::from(value()?)),
             "--share" => share = Some(PathBuf::from(value()?)),
@@ -243,7 +246,7 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
     }
     let mut config = vm.into_config()?;
     config.shared_dir = share;
-    Ok(RunOptions {
+    Ok(Some(RunOptions {
         config,
         container,
         rootfs,
@@ -253,7 +256,7 @@ fn parse_run(args: &[String]) -> Result<RunOptions> {
         guest,
         agent_socket,
         net,
-    })
+    }))
 }
 
 /// An OCI bundle's spec and the host path of its rootfs.
@@ -483,6 +486,10 @@ fn ctl(args: &[String]) -> Result<u8> {
             continue;
         }
         match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{CTL_USAGE}");
+                return Ok(0);
+            }
             "--container" => {
                 let spec = value()?;
                 let (id, rootfs) = match spec.split_once('=') {
@@ -581,7 +588,14 @@ fn main() -> ExitCode {
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("run") => parse_run(&args[1..]).and_then(run),
+        Some("run") => match parse_run(&args[1..]) {
+            Ok(Some(options)) => run(options),
+            Ok(None) => {
+                println!("{USAGE}");
+                Ok(0)
+            }
+            Err(e) => Err(e),
+        },
         Some("ctl") => ctl(&args[1..]),
         Some("install") => install(&args[1..]),
         Some("-h" | "--help" | "help") => {
