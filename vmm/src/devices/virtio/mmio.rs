@@ -330,16 +330,11 @@ impl MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::{ActivateError, Interrupt};
-    use virtio_queue::Queue;
+    use crate::devices::virtio::{ActivateError, VirtioState};
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::EventFd;
 
     struct Dummy {
-        queues: Vec<Queue>,
-        events: Vec<EventFd>,
-        interrupt: Interrupt,
-        acked: u64,
+        virtio: VirtioState,
         config: [u8; 8],
         activated: bool,
     }
@@ -351,23 +346,11 @@ mod tests {
         fn avail_features(&self) -> u64 {
             FEATURE_VERSION_1 | 0b101
         }
-        fn acked_features(&self) -> u64 {
-            self.acked
+        fn virtio_state(&self) -> &VirtioState {
+            &self.virtio
         }
-        fn set_acked_features(&mut self, acked: u64) {
-            self.acked = acked;
-        }
-        fn queues(&self) -> &[Queue] {
-            &self.queues
-        }
-        fn queues_mut(&mut self) -> &mut [Queue] {
-            &mut self.queues
-        }
-        fn queue_events(&self) -> &[EventFd] {
-            &self.events
-        }
-        fn interrupt(&self) -> &Interrupt {
-            &self.interrupt
+        fn virtio_state_mut(&mut self) -> &mut VirtioState {
+            &mut self.virtio
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             let start = offset as usize;
@@ -386,10 +369,7 @@ mod tests {
     fn setup() -> (MmioTransport, Arc<Mutex<Dummy>>) {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let device = Arc::new(Mutex::new(Dummy {
-            queues: vec![Queue::new(16).unwrap()],
-            events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
-            interrupt: Interrupt::new().unwrap(),
-            acked: 0,
+            virtio: VirtioState::new(1, 16).unwrap(),
             config: *b"\x03\0\0\0\0\0\0\0",
             activated: false,
         }));
@@ -439,7 +419,10 @@ mod tests {
     fn negotiates_features_programs_queues_and_activates() {
         let (mut t, device) = setup();
         drive_to_features_ok(&mut t);
-        assert_eq!(device.lock().unwrap().acked, FEATURE_VERSION_1 | 0b101);
+        assert_eq!(
+            device.lock().unwrap().virtio.acked_features,
+            FEATURE_VERSION_1 | 0b101
+        );
         assert_eq!(
             read(&mut t, REG_STATUS) & STATUS_FEATURES_OK,
             STATUS_FEATURES_OK
@@ -455,7 +438,7 @@ mod tests {
         write(&mut t, REG_STATUS, 0xf);
         assert!(device.lock().unwrap().activated);
         assert_eq!(read(&mut t, REG_STATUS), 0xf);
-        let queue = &device.lock().unwrap().queues[0];
+        let queue = &device.lock().unwrap().virtio.queues[0];
         assert_eq!(queue.size(), 8);
         assert_eq!(queue.desc_table(), 0x1000);
     }
@@ -491,11 +474,22 @@ mod tests {
     #[test]
     fn interrupt_ack_clears_status_bits_and_notify_reaches_the_queue_event() {
         let (mut t, device) = setup();
-        device.lock().unwrap().interrupt.trigger(0b11).unwrap();
+        device
+            .lock()
+            .unwrap()
+            .virtio
+            .interrupt
+            .trigger(0b11)
+            .unwrap();
         assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), 0b11);
         write(&mut t, REG_INTERRUPT_ACK, 0b01);
         assert_eq!(read(&mut t, REG_INTERRUPT_STATUS), 0b10);
         write(&mut t, REG_QUEUE_NOTIFY, 0);
-        assert_eq!(device.lock().unwrap().events[0].read().unwrap(), 1);
+        assert_eq!(
+            device.lock().unwrap().virtio.queue_events[0]
+                .read()
+                .unwrap(),
+            1
+        );
     }
 }

@@ -20,8 +20,9 @@ pub(crate) mod test_driver;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -61,6 +62,54 @@ pub enum ActivateError {
     Backend(String),
 }
 
+/// Why [`VirtioState::new`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioStateError {
+    #[error("creating the virtqueues: {0:?}")]
+    Queue(virtio_queue::Error),
+    #[error("creating the eventfds: {0}")]
+    EventFd(#[from] std::io::Error),
+}
+
+/// The virtio state every device holds the same way: its virtqueues, their
+/// ioeventfds, its interrupt line and the features the driver acked. A device
+/// keeps one and hands it to [`VirtioDevice`] through `virtio_state(_mut)`,
+/// which gives it the trait's accessors for free.
+#[derive(Debug)]
+pub struct VirtioState {
+    /// The virtqueues, as the transport programmed them.
+    pub queues: Vec<Queue>,
+    /// One eventfd per queue (same index), which the guest's notifications
+    /// signal (KVM ioeventfds).
+    pub queue_events: Vec<EventFd>,
+    /// Shared (`Arc`) so that a device serving its queues on a thread of its
+    /// own can raise it from there.
+    pub interrupt: Arc<Interrupt>,
+    /// The features the driver acked, within the device's offer; 0 until it
+    /// writes them and again after a reset.
+    pub acked_features: u64,
+}
+
+impl VirtioState {
+    /// `num_queues` queues of at most `queue_size` entries, each with a
+    /// non-blocking eventfd, a fresh interrupt line and nothing acked.
+    pub fn new(num_queues: usize, queue_size: u16) -> Result<Self, VirtioStateError> {
+        let queues = (0..num_queues)
+            .map(|_| Queue::new(queue_size))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VirtioStateError::Queue)?;
+        let queue_events = (0..num_queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            queues,
+            queue_events,
+            interrupt: Arc::new(Interrupt::new()?),
+            acked_features: 0,
+        })
+    }
+}
+
 /// Copies the bytes of a read-only config space at `offset` into `data`;
 /// bytes past its end read as 0.
 pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
@@ -80,15 +129,40 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// Feature bits offered to the driver (VIRTIO_F_VERSION_1 included).
     fn avail_features(&self) -> u64;
-    fn acked_features(&self) -> u64;
-    fn set_acked_features(&mut self, acked: u64);
+    /// The device's queues, queue events, interrupt and acked features; the
+    /// accessors below are built on it, so a device implements only this and
+    /// [`VirtioDevice::virtio_state_mut`].
+    fn virtio_state(&self) -> &VirtioState;
+    /// The same state, mutable (the transport programs queues and features).
+    fn virtio_state_mut(&mut self) -> &mut VirtioState;
+
+    /// The features the driver acked (see [`VirtioDevice::set_acked_features`]).
+    fn acked_features(&self) -> u64 {
+        self.virtio_state().acked_features
+    }
+    /// Records the driver's features; bits the device does not offer are
+    /// dropped (the driver must not accept them, virtio 1.2, 2.2).
+    fn set_acked_features(&mut self, acked: u64) {
+        let offered = self.avail_features();
+        self.virtio_state_mut().acked_features = acked & offered;
+    }
     /// The device's virtqueues; the transport programs their size, addresses
     /// and readiness from the driver's register writes.
-    fn queues(&self) -> &[Queue];
-    fn queues_mut(&mut self) -> &mut [Queue];
+    fn queues(&self) -> &[Queue] {
+        &self.virtio_state().queues
+    }
+    /// The virtqueues, for the transport to program.
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.virtio_state_mut().queues
+    }
     /// One eventfd per queue, registered as ioeventfds by the VMM.
-    fn queue_events(&self) -> &[EventFd];
-    fn interrupt(&self) -> &Interrupt;
+    fn queue_events(&self) -> &[EventFd] {
+        &self.virtio_state().queue_events
+    }
+    /// The interrupt line: status register and irqfd.
+    fn interrupt(&self) -> &Interrupt {
+        &self.virtio_state().interrupt
+    }
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Called once the driver sets DRIVER_OK with every queue ready.

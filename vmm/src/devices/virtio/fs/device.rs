@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -14,7 +14,7 @@ use super::memory_view;
 use super::server::{new_server, FsServer};
 use super::{FsError, CONFIG_SPACE_SIZE, NUM_QUEUES, QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS};
 use crate::devices::virtio::mmio::FEATURE_VERSION_1;
-use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice};
+use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioState};
 
 /// VIRTIO_RING_F_EVENT_IDX: the driver and device tell each other when to
 /// notify, so a busy queue costs fewer exits and interrupts.
@@ -23,10 +23,7 @@ pub const FEATURE_EVENT_IDX: u64 =
 
 pub struct Fs {
     tag: String,
-    queues: Vec<Queue>,
-    queue_events: Vec<EventFd>,
-    interrupt: Arc<Interrupt>,
-    acked_features: u64,
+    virtio: VirtioState,
     server: Arc<FsServer>,
     handler: Option<EventHandler>,
 }
@@ -38,20 +35,11 @@ impl Fs {
             return Err(FsError::BadTag(tag.to_string()));
         }
         let server = new_server(dir)?;
-        let queues = (0..NUM_QUEUES)
-            .map(|_| Queue::new(QUEUE_SIZE))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| FsError::Setup(format!("{e:?}")))?;
-        let queue_events = (0..NUM_QUEUES)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| FsError::Setup(e.to_string()))?;
+        let virtio =
+            VirtioState::new(NUM_QUEUES, QUEUE_SIZE).map_err(|e| FsError::Setup(e.to_string()))?;
         Ok(Self {
             tag: tag.to_string(),
-            queues,
-            queue_events,
-            interrupt: Arc::new(Interrupt::new().map_err(|e| FsError::Setup(e.to_string()))?),
-            acked_features: 0,
+            virtio,
             server,
             handler: None,
         })
@@ -79,28 +67,12 @@ impl VirtioDevice for Fs {
         FEATURE_VERSION_1 | FEATURE_EVENT_IDX
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
+    fn virtio_state(&self) -> &VirtioState {
+        &self.virtio
     }
 
-    fn set_acked_features(&mut self, acked: u64) {
-        self.acked_features = acked & self.avail_features();
-    }
-
-    fn queues(&self) -> &[Queue] {
-        &self.queues
-    }
-
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn interrupt(&self) -> &Interrupt {
-        &self.interrupt
+    fn virtio_state_mut(&mut self) -> &mut VirtioState {
+        &mut self.virtio
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -114,9 +86,9 @@ impl VirtioDevice for Fs {
     fn activate(&mut self, memory: GuestMemoryMmap) -> Result<(), ActivateError> {
         let view =
             memory_view::view_memory(&memory).map_err(|e| ActivateError::Backend(e.to_string()))?;
-        let event_idx = self.acked_features & FEATURE_EVENT_IDX != 0;
+        let event_idx = self.virtio.acked_features & FEATURE_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(NUM_QUEUES);
-        for (index, queue) in self.queues.iter().enumerate() {
+        for (index, queue) in self.virtio.queues.iter().enumerate() {
             let mut queue = memory_view::view_queue(index, queue, &view).map_err(|e| {
                 ActivateError::BadQueue {
                     index,
@@ -127,6 +99,7 @@ impl VirtioDevice for Fs {
             queues.push(queue);
         }
         let events = self
+            .virtio
             .queue_events
             .iter()
             .map(EventFd::try_clone)
@@ -136,7 +109,7 @@ impl VirtioDevice for Fs {
             memory: view,
             queues,
             events,
-            interrupt: self.interrupt.clone(),
+            interrupt: self.virtio.interrupt.clone(),
             server: self.server.clone(),
             broken: [false; NUM_QUEUES],
         })
@@ -153,10 +126,10 @@ impl VirtioDevice for Fs {
         if let Some(handler) = self.handler.take() {
             handler.stop();
         }
-        for queue in &mut self.queues {
+        for queue in &mut self.virtio.queues {
             queue.reset();
         }
-        self.acked_features = 0;
+        self.virtio.acked_features = 0;
         true
     }
 }

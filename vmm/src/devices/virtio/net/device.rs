@@ -16,7 +16,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,7 +27,7 @@ use super::{
     NUM_BUFFERS_OFFSET, NUM_QUEUES, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET, VNET_HDR_LEN,
 };
 use crate::devices::virtio::mmio::FEATURE_VERSION_1;
-use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_RING};
+use crate::devices::virtio::{ActivateError, VirtioDevice, VirtioState, INTERRUPT_USED_RING};
 
 /// VIRTIO_RING_F_EVENT_IDX: the driver and device tell each other when to
 /// notify, so a busy queue costs fewer exits and interrupts.
@@ -114,10 +114,7 @@ pub struct Net {
     mac: [u8; 6],
     mtu: u16,
     pub(super) tap: Tap,
-    pub(super) queues: Vec<Queue>,
-    pub(super) queue_events: Vec<EventFd>,
-    interrupt: Interrupt,
-    acked_features: u64,
+    pub(super) virtio: VirtioState,
     memory: Option<GuestMemoryMmap>,
     /// The tap may have frames: set on activation and on each tap edge,
     /// cleared when a read finds it empty.
@@ -138,23 +135,13 @@ impl Net {
     }
 
     pub fn with_tap(tap: Tap, mac: [u8; 6], mtu: u16) -> Result<Self, NetError> {
-        let queues = (0..NUM_QUEUES)
-            .map(|_| Queue::new(QUEUE_SIZE))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| NetError::Setup(format!("{e:?}")))?;
-        let queue_events = (0..NUM_QUEUES)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| NetError::Setup(format!("queue eventfds: {e}")))?;
+        let virtio =
+            VirtioState::new(NUM_QUEUES, QUEUE_SIZE).map_err(|e| NetError::Setup(e.to_string()))?;
         Ok(Self {
             mac,
             mtu,
             tap,
-            queues,
-            queue_events,
-            interrupt: Interrupt::new()
-                .map_err(|e| NetError::Setup(format!("interrupt eventfd: {e}")))?,
-            acked_features: 0,
+            virtio,
             memory: None,
             tap_readable: false,
             iov: Box::default(),
@@ -181,11 +168,11 @@ impl Net {
         let Some(memory) = self.memory.as_ref() else {
             return;
         };
-        if self.queues[index]
+        if self.virtio.queues[index]
             .needs_notification(memory)
             .unwrap_or(true)
         {
-            if let Err(e) = self.interrupt.trigger(INTERRUPT_USED_RING) {
+            if let Err(e) = self.virtio.interrupt.trigger(INTERRUPT_USED_RING) {
                 tracing::error!("virtio-net: raising the interrupt: {e}");
             }
         }
@@ -197,15 +184,15 @@ impl Net {
         let Some(memory) = self.memory.as_ref() else {
             return;
         };
-        let queue = &mut self.queues[RX_QUEUE];
-        let min_len = min_rx_len(self.acked_features, self.mtu);
+        let queue = &mut self.virtio.queues[RX_QUEUE];
+        let min_len = min_rx_len(self.virtio.acked_features, self.mtu);
         let mut used = 0usize;
         let mut rechecked = false;
         let mut read_errors = 0;
         while self.tap_readable {
             if used == BUDGET {
                 // tap_readable stays set: the self-kick resumes reading.
-                reschedule(&self.queue_events[RX_QUEUE]);
+                reschedule(&self.virtio.queue_events[RX_QUEUE]);
                 break;
             }
             let Some(chain) = queue.pop_descriptor_chain(memory) else {
@@ -287,7 +274,7 @@ impl Net {
         let Some(memory) = self.memory.as_ref() else {
             return;
         };
-        let queue = &mut self.queues[TX_QUEUE];
+        let queue = &mut self.virtio.queues[TX_QUEUE];
         let mut used = 0usize;
         let mut exhausted = false;
         loop {
@@ -339,7 +326,7 @@ impl Net {
             }
         }
         if exhausted {
-            reschedule(&self.queue_events[TX_QUEUE]);
+            reschedule(&self.virtio.queue_events[TX_QUEUE]);
         }
         if used > 0 {
             self.signal_used(TX_QUEUE);
@@ -356,28 +343,12 @@ impl VirtioDevice for Net {
         AVAIL_FEATURES
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
+    fn virtio_state(&self) -> &VirtioState {
+        &self.virtio
     }
 
-    fn set_acked_features(&mut self, acked: u64) {
-        self.acked_features = acked & self.avail_features();
-    }
-
-    fn queues(&self) -> &[Queue] {
-        &self.queues
-    }
-
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn interrupt(&self) -> &Interrupt {
-        &self.interrupt
+    fn virtio_state_mut(&mut self) -> &mut VirtioState {
+        &mut self.virtio
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -389,12 +360,12 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, memory: GuestMemoryMmap) -> Result<(), ActivateError> {
-        let event_idx = self.acked_features & FEATURE_EVENT_IDX != 0;
-        for queue in &mut self.queues {
+        let event_idx = self.virtio.acked_features & FEATURE_EVENT_IDX != 0;
+        for queue in &mut self.virtio.queues {
             queue.set_event_idx(event_idx);
         }
         self.tap
-            .set_offload(offload_for(self.acked_features))
+            .set_offload(offload_for(self.virtio.acked_features))
             .map_err(|e| ActivateError::Backend(e.to_string()))?;
         self.memory = Some(memory);
         // Frames may have queued up before: read them once RX buffers come.
@@ -412,8 +383,8 @@ impl VirtioDevice for Net {
         }
         self.memory = None;
         self.tap_readable = false;
-        self.acked_features = 0;
-        for queue in &mut self.queues {
+        self.virtio.acked_features = 0;
+        for queue in &mut self.virtio.queues {
             queue.reset();
         }
         true

@@ -15,7 +15,7 @@ pub const TAP_EVENT: u32 = 2;
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        for (index, event) in self.queue_events.iter().enumerate() {
+        for (index, event) in self.virtio.queue_events.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(event, index as u32, EventSet::IN)) {
                 tracing::error!("virtio-net: watching queue {index}: {e:?}");
             }
@@ -33,11 +33,11 @@ impl MutEventSubscriber for Net {
         match events.data() {
             index if index as usize == RX_QUEUE => {
                 // New RX buffers: worth it only if the tap has frames.
-                let _ = self.queue_events[RX_QUEUE].read();
+                let _ = self.virtio.queue_events[RX_QUEUE].read();
                 self.process_rx();
             }
             index if index as usize == TX_QUEUE => {
-                let _ = self.queue_events[TX_QUEUE].read();
+                let _ = self.virtio.queue_events[TX_QUEUE].read();
                 self.process_tx();
             }
             TAP_EVENT => {

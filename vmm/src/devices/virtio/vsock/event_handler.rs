@@ -9,7 +9,7 @@ use super::{Vsock, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        for (index, event) in self.queue_events.iter().enumerate() {
+        for (index, event) in self.virtio.queue_events.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(event, index as u32, EventSet::IN)) {
                 tracing::error!("vsock: watching queue {index}: {e:?}");
             }
@@ -30,7 +30,7 @@ impl MutEventSubscriber for Vsock {
                     || index as usize == TX_QUEUE
                     || index as usize == EVENT_QUEUE =>
             {
-                let _ = self.queue_events[index as usize].read();
+                let _ = self.virtio.queue_events[index as usize].read();
                 // Nothing is ever sent on the event queue (no transport resets).
             }
             EVENT_LISTENER => self.muxer.accept(ops),

@@ -17,12 +17,11 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use event_manager::EventOps;
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::FEATURE_VERSION_1;
-use super::{ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_RING};
+use super::{ActivateError, VirtioDevice, VirtioState, VirtioStateError, INTERRUPT_USED_RING};
 use muxer::Muxer;
 use packet::{PacketHeader, HEADER_SIZE};
 
@@ -53,10 +52,7 @@ pub enum VsockError {
 
 pub struct Vsock {
     guest_cid: u64,
-    queues: Vec<Queue>,
-    queue_events: Vec<EventFd>,
-    interrupt: Interrupt,
-    acked_features: u64,
+    virtio: VirtioState,
     memory: Option<GuestMemoryMmap>,
     muxer: Muxer,
     payload: Vec<u8>,
@@ -67,19 +63,13 @@ impl Vsock {
         if guest_cid < 3 || guest_cid > u32::MAX as u64 {
             return Err(VsockError::BadCid(guest_cid));
         }
-        let queues = (0..3)
-            .map(|_| Queue::new(QUEUE_SIZE))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(VsockError::Queue)?;
-        let queue_events = (0..3)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()?;
+        let virtio = VirtioState::new(3, QUEUE_SIZE).map_err(|e| match e {
+            VirtioStateError::Queue(e) => VsockError::Queue(e),
+            VirtioStateError::EventFd(e) => VsockError::Setup(e),
+        })?;
         Ok(Self {
             guest_cid,
-            queues,
-            queue_events,
-            interrupt: Interrupt::new()?,
-            acked_features: 0,
+            virtio,
             memory: None,
             muxer: Muxer::new(guest_cid, &uds_path)?,
             payload: Vec::with_capacity(MAX_RX_PAYLOAD),
@@ -96,13 +86,13 @@ impl Vsock {
             return;
         };
         let mut used_any = false;
-        while let Some(chain) = self.queues[TX_QUEUE].pop_descriptor_chain(memory) {
+        while let Some(chain) = self.virtio.queues[TX_QUEUE].pop_descriptor_chain(memory) {
             let head = chain.head_index();
             match read_tx_packet(memory, chain, &mut self.payload) {
                 Ok(header) => self.muxer.from_guest(&header, &self.payload, ops),
                 Err(e) => tracing::warn!("vsock: dropped a malformed tx packet: {e}"),
             }
-            if let Err(e) = self.queues[TX_QUEUE].add_used(memory, head, 0) {
+            if let Err(e) = self.virtio.queues[TX_QUEUE].add_used(memory, head, 0) {
                 tracing::error!("vsock: returning a tx buffer: {e:?}");
             }
             used_any = true;
@@ -119,7 +109,7 @@ impl Vsock {
         };
         let mut used_any = false;
         while self.muxer.has_work_for_guest() {
-            let Some(chain) = self.queues[RX_QUEUE].pop_descriptor_chain(memory) else {
+            let Some(chain) = self.virtio.queues[RX_QUEUE].pop_descriptor_chain(memory) else {
                 break;
             };
             let head = chain.head_index();
@@ -127,14 +117,14 @@ impl Vsock {
                 Ok(writer) if writer.available_bytes() >= HEADER_SIZE => writer,
                 Ok(_) | Err(_) => {
                     tracing::warn!("vsock: an rx buffer too small for a packet header");
-                    let _ = self.queues[RX_QUEUE].add_used(memory, head, 0);
+                    let _ = self.virtio.queues[RX_QUEUE].add_used(memory, head, 0);
                     used_any = true;
                     continue;
                 }
             };
             let room = (writer.available_bytes() - HEADER_SIZE).min(MAX_RX_PAYLOAD);
             let Some(header) = self.muxer.next_for_guest(&mut self.payload, room, ops) else {
-                self.queues[RX_QUEUE].go_to_previous_position();
+                self.virtio.queues[RX_QUEUE].go_to_previous_position();
                 break;
             };
             let written = writer
@@ -148,7 +138,7 @@ impl Vsock {
                     0
                 }
             };
-            if let Err(e) = self.queues[RX_QUEUE].add_used(memory, head, len) {
+            if let Err(e) = self.virtio.queues[RX_QUEUE].add_used(memory, head, len) {
                 tracing::error!("vsock: returning an rx buffer: {e:?}");
             }
             used_any = true;
@@ -159,7 +149,7 @@ impl Vsock {
     }
 
     fn signal_used(&self) {
-        if let Err(e) = self.interrupt.trigger(INTERRUPT_USED_RING) {
+        if let Err(e) = self.virtio.interrupt.trigger(INTERRUPT_USED_RING) {
             tracing::error!("vsock: raising the interrupt: {e}");
         }
     }
@@ -198,28 +188,12 @@ impl VirtioDevice for Vsock {
         FEATURE_VERSION_1
     }
 
-    fn acked_features(&self) -> u64 {
-        self.acked_features
+    fn virtio_state(&self) -> &VirtioState {
+        &self.virtio
     }
 
-    fn set_acked_features(&mut self, acked: u64) {
-        self.acked_features = acked;
-    }
-
-    fn queues(&self) -> &[Queue] {
-        &self.queues
-    }
-
-    fn queues_mut(&mut self) -> &mut [Queue] {
-        &mut self.queues
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn interrupt(&self) -> &Interrupt {
-        &self.interrupt
+    fn virtio_state_mut(&mut self) -> &mut VirtioState {
+        &mut self.virtio
     }
 
     /// The config space is the guest's CID (le64).
@@ -245,8 +219,8 @@ impl VirtioDevice for Vsock {
     /// queues. Host connections stay until the VMM ends or they close.
     fn reset(&mut self) -> bool {
         self.memory = None;
-        self.acked_features = 0;
-        for queue in &mut self.queues {
+        self.virtio.acked_features = 0;
+        for queue in &mut self.virtio.queues {
             queue.reset();
         }
         true
