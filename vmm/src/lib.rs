@@ -2,6 +2,7 @@
 //!
 //! - [`kvm`]: opening `/dev/kvm`, refusing PVM hosts with kernels that cannot run there;
 //! - [`layout`]: where everything lives in guest-physical memory;
+//! - [`memory`]: guest RAM, 2 MiB-aligned host mappings registered as KVM slots;
 //! - [`boot`]: loading the kernel, initramfs, command line and zero page;
 //! - [`arch`]: the x86_64 boot state (registers, page tables, CPUID, MSRs, MP table);
 //! - [`vcpu`]: vCPU creation and run loops;
@@ -13,6 +14,7 @@ pub mod boot;
 pub mod devices;
 pub mod kvm;
 pub mod layout;
+pub mod memory;
 pub mod vcpu;
 pub mod vm;
 

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{mptable, regs, ArchError};
@@ -24,6 +24,7 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::kvm::{self, KvmError};
 use crate::layout;
+use crate::memory::create_guest_memory;
 use crate::vcpu::{self, ExitSignal, VmExit};
 
 /// Where the guest's serial console goes.
@@ -135,38 +136,6 @@ fn check_net_fds(nics: &[NetConfig]) -> Result<(), VmError> {
     Ok(())
 }
 
-fn create_memory(vm: &VmFd, memory_mib: u32) -> Result<GuestMemoryMmap, VmError> {
-    let size = memory_mib as u64 * 1024 * 1024;
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
-        .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
-    let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
-        mib: memory_mib,
-        reason: e.to_string(),
-    })?;
-    for (slot, region) in memory.iter().enumerate() {
-        let host_address = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| VmError::Memory {
-                mib: memory_mib,
-                reason: e.to_string(),
-            })?;
-        let region_info = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().raw_value(),
-            memory_size: region.len(),
-            userspace_addr: host_address as u64,
-            flags: 0,
-        };
-        // SAFETY: the region's mapping lives in `memory`, which the VM keeps
-        // for as long as the VM exists (the process ends with the VM).
-        unsafe { vm.set_user_memory_region(region_info) }
-            .map_err(kvm_setup("registering guest memory"))?;
-    }
-    Ok(memory)
-}
-
 fn console_writer(console: &Console) -> Result<Box<dyn Write + Send>, VmError> {
     Ok(match console {
         Console::Off => Box::new(std::io::sink()),
@@ -227,6 +196,8 @@ impl Vm {
             .enumerate()
             .map(|(index, nic)| Net::new(nic).map_err(|error| VmError::Net { index, error }))
             .collect::<Result<Vec<_>, _>>()?;
+        let started = std::time::Instant::now();
+        let phase = |what: &str| tracing::debug!("{what} after {:?}", started.elapsed());
         let kvm_path = kvm::device_path();
         let kvm = kvm::open(&kvm_path)?;
         kvm::check_kernel_for_host(&kvm_path, Path::new("/sys/module"), &config.kernel)?;
@@ -242,13 +213,22 @@ impl Vm {
             ..Default::default()
         };
         vm.create_pit2(pit).map_err(kvm_setup("creating the PIT"))?;
+        phase("VM created");
 
-        let memory = create_memory(&vm, config.memory_mib)?;
+        let memory =
+            create_guest_memory(&vm, &layout::ram_ranges(u64::from(config.memory_mib) << 20))
+                .map_err(|e| VmError::Memory {
+                    mib: config.memory_mib,
+                    reason: e.to_string(),
+                })?;
+        phase("guest memory mapped");
         let kernel = boot::load_kernel(&memory, &config.kernel)?;
+        phase("kernel loaded");
         let initrd = match &config.initrd {
             Some(path) => Some(boot::load_initrd(&memory, path, kernel.end)?),
             None => None,
         };
+        phase("initrd loaded");
 
         let exit = Arc::new(ExitSignal::new().map_err(device_err("the exit event"))?);
         let mut pio = Bus::default();
@@ -342,6 +322,7 @@ impl Vm {
         let vcpus = (0..config.cpus)
             .map(|index| vcpu::create(&kvm, &vm, index, config.cpus, kernel.entry.raw_value()))
             .collect::<Result<Vec<_>, _>>()?;
+        phase("devices and vCPUs ready");
         tracing::debug!("kernel command line: {cmdline}");
         Ok(Vm {
             vcpus,
