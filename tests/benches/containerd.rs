@@ -20,9 +20,9 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use microvm_tests::bench::{kata_bench_options, min_med_max, runs, BenchHost};
+use microvm_tests::bench::{finish, kata_bench_options, min_med_max, runs, BenchHost};
 use microvm_tests::containerd::{
-    Containerd, KATA_HANDLER, KATA_RUNTIME, KATA_SHIM, RUNC_HANDLER, RUNC_RUNTIME,
+    Containerd, KATA_HANDLER, KATA_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME,
 };
 use serde_json::Value;
 
@@ -124,17 +124,7 @@ fn main() -> Result<()> {
         }
         println!();
     }
-    if shim.is_none() {
-        println!("\nkata: not built ({KATA_SHIM} is in neither target/release nor target/debug)");
-    }
-    for error in &errors {
-        println!("\n{error}");
-    }
-    let warnings = cd.stop()?;
-    if !warnings.is_empty() {
-        println!("\nteardown: {}", warnings.join("; "));
-    }
-    Ok(())
+    finish(&mut cd, shim.as_deref(), &errors)
 }
 
 /// Seconds per `ctr run --rm … /bin/true`, timed where VMs run.

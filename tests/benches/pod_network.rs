@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use microvm_tests::artifact;
-use microvm_tests::bench::{kata_bench_options, min_med_max, runs, BenchHost};
-use microvm_tests::containerd::{Containerd, KATA_HANDLER, KATA_SHIM, RUNC_HANDLER};
+use microvm_tests::bench::{finish, kata_bench_options, min_med_max, runs, BenchHost};
+use microvm_tests::containerd::{Containerd, KATA_HANDLER, RUNC_HANDLER};
 
 /// The servers' port.
 const PORT: u16 = 5201;
@@ -155,17 +155,7 @@ fn main() -> Result<()> {
         }
         _ => println!("\ntarget kata throughput >= 0.5 x runc: not measured"),
     }
-    if shim.is_none() {
-        println!("\nkata: not built ({KATA_SHIM} is in neither target/release nor target/debug)");
-    }
-    for error in &errors {
-        println!("\n{error}");
-    }
-    let warnings = cd.stop()?;
-    if !warnings.is_empty() {
-        println!("\nteardown: {}", warnings.join("; "));
-    }
-    Ok(())
+    finish(&mut cd, shim.as_deref(), &errors)
 }
 
 /// Prints one row: runc, kata and kata/runc (`failed` or `-` for what is

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::containerd::{Options, AGENT_TIMEOUT_SECS, KATA_SHIM};
+use crate::containerd::{Containerd, Options, AGENT_TIMEOUT_SECS, KATA_SHIM};
 use crate::testhost::{Config, Supervisor, TestHostError, READY_FILE};
 use crate::{bench_binary, build_dir, Kvm, VmHost};
 
@@ -117,6 +117,23 @@ pub fn kata_bench_options(cri: &str) -> Result<(Options, Option<PathBuf>)> {
         None => println!("shim: {KATA_SHIM} not built"),
     }
     Ok((options, shim))
+}
+
+/// The end of a containerd benchmark: says so when the kata shim was not
+/// built, prints the errors met on the way, stops containerd and prints what
+/// its teardown warned about.
+pub fn finish(cd: &mut Containerd, shim: Option<&Path>, errors: &[String]) -> Result<()> {
+    if shim.is_none() {
+        println!("\nkata: not built ({KATA_SHIM} is in neither target/release nor target/debug)");
+    }
+    for error in errors {
+        println!("\n{error}");
+    }
+    let warnings = cd.stop()?;
+    if !warnings.is_empty() {
+        println!("\nteardown: {}", warnings.join("; "));
+    }
+    Ok(())
 }
 
 /// Whether `shim` is a release build older than the debug build (the VMM

@@ -352,11 +352,9 @@ mod tests {
         fn virtio_state_mut(&mut self) -> &mut VirtioState {
             &mut self.virtio
         }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            let start = offset as usize;
-            data.copy_from_slice(&self.config[start..start + data.len()]);
+        fn config_space(&self) -> Vec<u8> {
+            self.config.to_vec()
         }
-        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
         fn activate(&mut self, _memory: GuestMemoryMmap) -> Result<(), ActivateError> {
             self.activated = true;
             Ok(())

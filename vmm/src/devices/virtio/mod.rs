@@ -112,7 +112,7 @@ impl VirtioState {
 
 /// Copies the bytes of a read-only config space at `offset` into `data`;
 /// bytes past its end read as 0.
-pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
     for (i, byte) in data.iter_mut().enumerate() {
         *byte = usize::try_from(offset)
             .ok()
@@ -163,8 +163,20 @@ pub trait VirtioDevice: Send {
     fn interrupt(&self) -> &Interrupt {
         &self.virtio_state().interrupt
     }
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The device-specific configuration space as the driver reads it.
+    fn config_space(&self) -> Vec<u8>;
+    /// A driver read of the config space (bytes past its end read as 0).
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_space(&self.config_space(), offset, data);
+    }
+    /// A driver write to the config space: ignored, as the config of every
+    /// device here is read-only to the driver.
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::warn!(
+            "virtio device type {}: ignoring a write to its read-only config space at {offset:#x}",
+            self.device_type()
+        );
+    }
     /// Called once the driver sets DRIVER_OK with every queue ready.
     fn activate(&mut self, memory: GuestMemoryMmap) -> Result<(), ActivateError>;
     fn is_activated(&self) -> bool;

@@ -48,14 +48,6 @@ impl Fs {
     pub fn tag(&self) -> &str {
         &self.tag
     }
-
-    /// The config space: the tag (NUL-padded) and the number of request queues.
-    fn config_space(&self) -> [u8; CONFIG_SPACE_SIZE] {
-        let mut config = [0u8; CONFIG_SPACE_SIZE];
-        config[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
-        config[TAG_LEN..].copy_from_slice(&((NUM_QUEUES - 1) as u32).to_le_bytes());
-        config
-    }
 }
 
 impl VirtioDevice for Fs {
@@ -75,12 +67,12 @@ impl VirtioDevice for Fs {
         &mut self.virtio
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::super::read_config_space(&self.config_space(), offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!("virtio-fs: ignoring a write to its read-only config at {offset}");
+    /// The config space: the tag (NUL-padded) and the number of request queues.
+    fn config_space(&self) -> Vec<u8> {
+        let mut config = vec![0u8; CONFIG_SPACE_SIZE];
+        config[..self.tag.len()].copy_from_slice(self.tag.as_bytes());
+        config[TAG_LEN..].copy_from_slice(&((NUM_QUEUES - 1) as u32).to_le_bytes());
+        config
     }
 
     fn activate(&mut self, memory: GuestMemoryMmap) -> Result<(), ActivateError> {

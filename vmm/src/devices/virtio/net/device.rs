@@ -153,16 +153,6 @@ impl Net {
         self.tap.name()
     }
 
-    fn config_space(&self) -> [u8; CONFIG_SPACE_SIZE] {
-        let mut config = [0u8; CONFIG_SPACE_SIZE];
-        config[0..6].copy_from_slice(&self.mac);
-        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        // max_virtqueue_pairs: only read with MQ, which is not offered.
-        config[8..10].copy_from_slice(&1u16.to_le_bytes());
-        config[10..12].copy_from_slice(&self.mtu.to_le_bytes());
-        config
-    }
-
     /// Raises the queue's interrupt if the driver wants to hear about it.
     fn signal_used(&mut self, index: usize) {
         let Some(memory) = self.memory.as_ref() else {
@@ -351,12 +341,14 @@ impl VirtioDevice for Net {
         &mut self.virtio
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::super::read_config_space(&self.config_space(), offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!("virtio-net: ignoring a write to its read-only config at {offset}");
+    fn config_space(&self) -> Vec<u8> {
+        let mut config = vec![0u8; CONFIG_SPACE_SIZE];
+        config[0..6].copy_from_slice(&self.mac);
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        // max_virtqueue_pairs: only read with MQ, which is not offered.
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        config
     }
 
     fn activate(&mut self, memory: GuestMemoryMmap) -> Result<(), ActivateError> {

@@ -197,12 +197,8 @@ impl VirtioDevice for Vsock {
     }
 
     /// The config space is the guest's CID (le64).
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_space(&self.guest_cid.to_le_bytes(), offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!("vsock: guest wrote the read-only config space at {offset:#x}");
+    fn config_space(&self) -> Vec<u8> {
+        self.guest_cid.to_le_bytes().to_vec()
     }
 
     fn activate(&mut self, memory: GuestMemoryMmap) -> Result<(), ActivateError> {
