@@ -79,8 +79,11 @@ pub enum VmError {
     BadCpuCount(u8),
     #[error("{0} MiB of memory requested: give at least 16")]
     BadMemorySize(u32),
-    #[error("allocating {mib} MiB of guest memory: {reason}")]
-    Memory { mib: u32, reason: String },
+    #[error("setting up {mib} MiB of guest memory: {source}")]
+    Memory {
+        mib: u32,
+        source: crate::memory::MemoryError,
+    },
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -217,9 +220,9 @@ impl Vm {
 
         let memory =
             create_guest_memory(&vm, &layout::ram_ranges(u64::from(config.memory_mib) << 20))
-                .map_err(|e| VmError::Memory {
+                .map_err(|source| VmError::Memory {
                     mib: config.memory_mib,
-                    reason: e.to_string(),
+                    source,
                 })?;
         phase("guest memory mapped");
         let kernel = boot::load_kernel(&memory, &config.kernel)?;
