@@ -38,7 +38,12 @@ done
 
 source_version=$(dpkg-query -W -f='${Version}' linux-source-6.1 2>/dev/null) \
     || die "linux-source-6.1 is not installed as a Debian package"
-key=$( { cat "$fragment" "$here/build.sh"; echo "$source_version"; } | sha256sum | cut -c1-16)
+# The key ignores the fragment's comments and blank lines (but not its
+# "# CONFIG_X is not set" lines), so documenting an option costs no rebuild.
+config_lines() {
+    sed -e '/^# CONFIG_[A-Za-z0-9_]* is not set$/b' -e '/^[[:space:]]*#/d' -e '/^[[:space:]]*$/d' "$fragment"
+}
+key=$( { config_lines; cat "$here/build.sh"; echo "$source_version"; } | sha256sum | cut -c1-16)
 result_dir="$cache/kernel/$key"
 vmlinux="$result_dir/vmlinux"
 

@@ -132,13 +132,42 @@ pub fn mount_shared_fs(tag: &str) -> Result<std::path::PathBuf, InitError> {
         MsFlags::MS_NODEV,
         None::<&str>,
     ) {
-        Ok(()) | Err(nix::Error::EBUSY) => Ok(SHARED_DIR.into()),
-        Err(source) => Err(InitError::Mount {
-            fstype: "virtiofs",
-            path: SHARED_DIR,
-            source,
-        }),
+        Ok(()) => {}
+        Err(nix::Error::EBUSY) => return Ok(SHARED_DIR.into()),
+        Err(source) => {
+            return Err(InitError::Mount {
+                fstype: "virtiofs",
+                path: SHARED_DIR,
+                source,
+            })
+        }
     }
+    if let Err(e) = set_read_ahead(Path::new(SHARED_DIR), SHARED_FS_READ_AHEAD_KB) {
+        tracing::warn!("raising the shared file system's readahead: {e}");
+    }
+    Ok(SHARED_DIR.into())
+}
+
+/// Readahead of the shared file system. The kernel's default of 128 KiB
+/// splits a sequential read into FUSE requests of 128 KiB although the
+/// device takes 1 MiB (256 pages) per request, and every request is a round
+/// trip to the VMM: 1 MiB read 256 MiB in 2.0 s instead of 5.4 s in the test
+/// host (4 and 16 MiB gained nothing more).
+const SHARED_FS_READ_AHEAD_KB: u32 = 1024;
+
+/// Sets the readahead of the (FUSE) file system mounted at `path`, through
+/// its backing device info, which sysfs names after the mount's device
+/// number.
+fn set_read_ahead(path: &Path, kib: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path)?.dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    std::fs::write(&knob, kib.to_string())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{knob}: {e}")))
 }
 
 pub fn unmount_shared_fs(path: &Path) {
