@@ -22,9 +22,8 @@ pub type FsServer = Server<Arc<Vfs>>;
 
 /// A FUSE server exporting `dir`.
 pub fn new_server(dir: &Path) -> Result<Arc<FsServer>, FsError> {
-    Ok(Arc::new(Server::new(Arc::new(vfs_over(passthrough(
-        dir,
-    )?)?))))
+    let vfs = vfs_over(passthrough(dir)?)?;
+    Ok(Arc::new(Server::new(Arc::new(vfs))))
 }
 
 /// The VFS the server talks to, with `fs` mounted at its root. The VFS (not
