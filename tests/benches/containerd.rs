@@ -15,7 +15,8 @@
 //! `MICROVM_BENCH_RUNS` sets the number of runs (default 20), after one
 //! unmeasured warm-up run each; `MICROVM_BENCH_SHIM_DIR` the directory of
 //! the shim (default: the release build if there is one, else the debug
-//! build).
+//! build); `MICROVM_BENCH_LOG=FILE` runs containerd (and the shims) at debug
+//! level and copies its log, with the shims' timestamped phases, to FILE.
 
 use std::time::Duration;
 
@@ -60,7 +61,9 @@ fn main() -> Result<()> {
             handler: KATA_HANDLER,
         },
     ];
-    let (options, shim) = kata_bench_options(env!("CARGO_BIN_EXE_cri"))?;
+    let (mut options, shim) = kata_bench_options(env!("CARGO_BIN_EXE_cri"))?;
+    let keep_log = std::env::var_os("MICROVM_BENCH_LOG");
+    options.debug = keep_log.is_some();
     let bench_host = BenchHost::start()?;
     let mut cd = Containerd::start(&bench_host.host, options)?;
     let version = cd.ctr_ok(&["version"])?;
@@ -123,6 +126,11 @@ fn main() -> Result<()> {
             print!(" {cell:>26}");
         }
         println!();
+    }
+    if let Some(file) = keep_log {
+        let log = cd.log()?;
+        std::fs::write(&file, log)
+            .with_context(|| format!("writing containerd's log to {file:?}"))?;
     }
     finish(&mut cd, shim.as_deref(), &errors)
 }

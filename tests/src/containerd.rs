@@ -410,6 +410,11 @@ impl<'h> Containerd<'h> {
         Ok(out.stdout_text())
     }
 
+    /// containerd's whole log (where VMs run).
+    pub fn log(&self) -> Result<String> {
+        self.read_file(&self.dir.join("containerd.log").display().to_string())
+    }
+
     /// The last lines of containerd's log (with a heading), for error
     /// messages; empty when there is none.
     pub fn log_tail(&self) -> String {

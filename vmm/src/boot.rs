@@ -17,6 +17,7 @@ use vm_memory::{
 use crate::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_START, ZERO_PAGE_START,
 };
+use crate::mapped_image::MappedImage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -71,17 +72,26 @@ pub struct LoadedKernel {
 }
 
 pub fn load_kernel(memory: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path).map_err(|source| BootError::OpenKernel {
+    let open_err = |source| BootError::OpenKernel {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let file = File::open(path).map_err(open_err)?;
+    // Whole pages of the segments are mapped, the rest copied (see
+    // `mapped_image`).
+    let mut image = MappedImage::new(file, memory).map_err(open_err)?;
     let result =
-        Elf::load(memory, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(|e| {
+        Elf::load(memory, None, &mut image, Some(GuestAddress(HIMEM_START))).map_err(|e| {
             BootError::LoadKernel {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             }
         })?;
+    tracing::debug!(
+        "kernel: {} KiB of its segments mapped from {}",
+        image.mapped_bytes() / 1024,
+        path.display()
+    );
     Ok(LoadedKernel {
         entry: result.kernel_load,
         end: result.kernel_end,
