@@ -45,7 +45,8 @@ use crate::{target_dir, Output, VmHost};
 
 pub use config::{config_toml, pause_archive, IMAGE, KATA_RUNTIME, PAUSE_IMAGE, RUNC_RUNTIME};
 pub use network::{
-    conflist, BRIDGE, CNI_NETWORK, POD_GATEWAY, POD_MTU, POD_PREFIX_LEN, POD_SUBNET,
+    conflist, BRIDGE, CNI_NETWORK, POD_GATEWAY, POD_GATEWAY6, POD_MTU, POD_PREFIX_LEN, POD_SUBNET,
+    POD_SUBNET6,
 };
 pub use pod::Pod;
 

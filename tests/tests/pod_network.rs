@@ -18,8 +18,8 @@
 use std::time::Duration;
 
 use microvm_tests::containerd::{
-    text, Containerd, Options, Pod, KATA_HANDLER, POD_GATEWAY, POD_MTU, POD_PREFIX_LEN,
-    RUNC_HANDLER, TIMEOUT,
+    text, Containerd, Options, Pod, KATA_HANDLER, POD_GATEWAY, POD_GATEWAY6, POD_MTU,
+    POD_PREFIX_LEN, RUNC_HANDLER, TIMEOUT,
 };
 use microvm_tests::{vm_host, VmHost};
 
@@ -196,6 +196,62 @@ fn httpd_reachable_from_the_node(handler: &str) {
     assert!(
         out.status.success() && out.stdout_text().trim() == page,
         "the node cannot fetch {page:?} from the {handler} pod at {ip}: {:?}\n{}{}{}{}",
+        out.status,
+        out.stdout_text(),
+        out.stderr_text(),
+        diagnose(&cd, &pod_id),
+        hint(handler)
+    );
+    remove_pod(&cd, &pod_id);
+    cd.assert_nothing_left();
+}
+
+/// Pods are dual-stack: once the container runs, its eth0 has the IPv6
+/// address CRI reports (with the /64 of the CNI range), usable already (not
+/// tentative: CNI did duplicate address detection before the pod started),
+/// and an IPv6 default route via the bridge; the node fetches the pod's page
+/// over IPv6.
+fn ipv6_reaches_the_pod(handler: &str) {
+    let cd = containerd(&[handler]);
+    let page = format!("hello over IPv6 from {handler}");
+    let (_pod, pod_id, _ip) = serving_pod(&cd, "web6", handler, &page);
+    let ip6 = cd
+        .pod_ipv6(&pod_id)
+        .unwrap_or_else(|e| panic!("{e:#}{}", hint(handler)));
+    let container = container_of(&cd, &pod_id);
+    let (code, stdout, stderr) = exec(
+        &cd,
+        &container,
+        "ip -o -6 addr show dev eth0 scope global; echo ---; ip -6 route show default",
+    );
+    let context = format!(
+        "the {handler} container's IPv6 view (exit {code}):\n{stdout}{stderr}\nCRI: {ip6}{}{}",
+        diagnose(&cd, &pod_id),
+        hint(handler)
+    );
+    let parts: Vec<&str> = stdout.split("---\n").collect();
+    assert_eq!(parts.len(), 2, "{context}");
+    let addr = format!(" inet6 {ip6}/64 ");
+    assert!(parts[0].contains(&addr), "eth0 lacks{addr}\n{context}");
+    assert!(
+        !parts[0].contains("tentative"),
+        "eth0's IPv6 address is still tentative (duplicate address detection)\n{context}"
+    );
+    let default = format!("default via {POD_GATEWAY6} ");
+    assert!(
+        parts[1].lines().any(|l| l.starts_with(&default)),
+        "no `{default}` route\n{context}"
+    );
+    let out = cd
+        .sh_in_netns(
+            &fetch_script("busybox wget", &format!("[{ip6}]")),
+            b"",
+            TIMEOUT,
+        )
+        .unwrap();
+    assert!(
+        out.status.success() && out.stdout_text().trim() == page,
+        "the node cannot fetch {page:?} from the {handler} pod at [{ip6}]: {:?}\n{}{}{}{}",
         out.status,
         out.stdout_text(),
         out.stderr_text(),
@@ -460,6 +516,16 @@ fn httpd_in_a_pod_is_reachable_at_its_pod_ip_runc() {
 #[test]
 fn httpd_in_a_pod_is_reachable_at_its_pod_ip_kata() {
     httpd_reachable_from_the_node(KATA_HANDLER);
+}
+
+#[test]
+fn ipv6_reaches_the_pod_runc() {
+    ipv6_reaches_the_pod(RUNC_HANDLER);
+}
+
+#[test]
+fn ipv6_reaches_the_pod_kata() {
+    ipv6_reaches_the_pod(KATA_HANDLER);
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
 use protocols::agent::Interface;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec};
 
@@ -172,10 +172,15 @@ async fn replace_addresses(
         tracing::debug!("removed {address}/{prefix} from {name}");
     }
     for &(address, prefix) in wanted {
-        handle
-            .address()
-            .add(index, address, prefix)
-            .replace()
+        let mut request = handle.address().add(index, address, prefix).replace();
+        if address.is_ipv6() {
+            // The runtime hands over addresses CNI already claimed on this
+            // segment (duplicate address detection ran in the pod's network
+            // namespace): usable at once, as in a runc pod, not tentative
+            // for another second or two.
+            request.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+        }
+        request
             .execute()
             .await
             .map_err(netlink(format!("adding {address}/{prefix} to {name}")))?;

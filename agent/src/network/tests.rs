@@ -289,6 +289,17 @@ fn update_interface_renames_by_mac_and_replaces_addresses() {
             assert_eq!(addresses(&applied), ["10.250.0.5/24", "fd00::5/64"]);
             assert!(is_up("eth0"), "eth0 is not up");
             assert_eq!(read_interface("eth0").unwrap(), applied);
+            // IPv6 addresses come without duplicate address detection (CNI
+            // did it): not tentative, even on this tap without a carrier.
+            let shown = std::process::Command::new("ip")
+                .args(["-6", "-o", "addr", "show", "dev", "eth0", "scope", "global"])
+                .output()
+                .expect("running ip");
+            let shown = String::from_utf8_lossy(&shown.stdout);
+            assert!(
+                shown.contains("fd00::5/64") && !shown.contains("tentative"),
+                "{shown}"
+            );
 
             // The former eth0 was renamed away and left down.
             let links = run(|handle| async move { dump_links(&handle).await }).unwrap();

@@ -17,13 +17,18 @@ pub const BRIDGE: &str = "mvtest0";
 pub const POD_SUBNET: &str = "10.250.0.0/24";
 pub const POD_PREFIX_LEN: u8 = 24;
 pub const POD_GATEWAY: &str = "10.250.0.1";
+/// The pods' IPv6 subnet (a second host-local range: pods are dual-stack)
+/// and its gateway.
+pub const POD_SUBNET6: &str = "fd00:10:250::/64";
+pub const POD_GATEWAY6: &str = "fd00:10:250::1";
 /// The pods' MTU: not the default 1500, so a test sees it reach the pod.
 pub const POD_MTU: u32 = 1400;
 
 /// The CNI configuration (`DIR/cni/10-microvm.conflist`) of an instance in
 /// `dir`: CNI's bridge plugin on [`BRIDGE`] as the pods' gateway, no
-/// masquerading, MTU [`POD_MTU`], and host-local IPAM in [`POD_SUBNET`]
-/// keeping its reservations in `DIR/ipam` (so they go with the instance).
+/// masquerading, MTU [`POD_MTU`], and host-local IPAM in [`POD_SUBNET`] and
+/// [`POD_SUBNET6`] (dual-stack, default routes for both families) keeping
+/// its reservations in `DIR/ipam` (so they go with the instance).
 pub fn conflist(dir: &Path) -> String {
     let config = json!({
         "cniVersion": "1.0.0",
@@ -38,8 +43,8 @@ pub fn conflist(dir: &Path) -> String {
             "ipam": {
                 "type": "host-local",
                 "dataDir": dir.join("ipam").display().to_string(),
-                "ranges": [[{ "subnet": POD_SUBNET }]],
-                "routes": [{ "dst": "0.0.0.0/0" }],
+                "ranges": [[{ "subnet": POD_SUBNET }], [{ "subnet": POD_SUBNET6 }]],
+                "routes": [{ "dst": "0.0.0.0/0" }, { "dst": "::/0" }],
             },
         }],
     });
@@ -61,6 +66,20 @@ impl Containerd<'_> {
             .filter(|ip| !ip.is_empty())
             .map(String::from)
             .with_context(|| format!("pod {pod_id} has no IP: {status}"))
+    }
+
+    /// The pod's IPv6 address as CRI reports it (one of
+    /// `status.network.additional_ips`).
+    pub fn pod_ipv6(&self, pod_id: &str) -> Result<String> {
+        let status = self.cri(&["inspectp", pod_id])?;
+        status["status"]["network"]["additional_ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry["ip"].as_str())
+            .find(|ip| ip.contains(':'))
+            .map(String::from)
+            .with_context(|| format!("pod {pod_id} has no IPv6 address: {status}"))
     }
 
     /// The path of the pod's network namespace (`/var/run/netns/cni-…`),
@@ -125,6 +144,7 @@ mod tests {
         assert_eq!(bridge["isGateway"], true);
         assert_eq!(bridge["ipam"]["dataDir"], "/run/x/d/ipam");
         assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], POD_SUBNET);
+        assert_eq!(bridge["ipam"]["ranges"][1][0]["subnet"], POD_SUBNET6);
         assert!(POD_SUBNET.ends_with(&format!("/{POD_PREFIX_LEN}")));
     }
 
