@@ -190,20 +190,26 @@ fn httpd_reachable_from_the_node(handler: &str) {
     let cd = containerd(&[handler]);
     let page = format!("hello from {handler}");
     let (_pod, pod_id, ip) = serving_pod(&cd, "web", handler, &page);
+    assert_node_fetches(&cd, &pod_id, handler, &ip, &page);
+    remove_pod(&cd, &pod_id);
+    cd.assert_nothing_left();
+}
+
+/// The node (containerd's network namespace) fetches `page` from the pod's
+/// httpd at `host` (an IPv4 address or a bracketed IPv6 one).
+fn assert_node_fetches(cd: &Containerd, pod_id: &str, handler: &str, host: &str, page: &str) {
     let out = cd
-        .sh_in_netns(&fetch_script("busybox wget", &ip), b"", TIMEOUT)
+        .sh_in_netns(&fetch_script("busybox wget", host), b"", TIMEOUT)
         .unwrap();
     assert!(
         out.status.success() && out.stdout_text().trim() == page,
-        "the node cannot fetch {page:?} from the {handler} pod at {ip}: {:?}\n{}{}{}{}",
+        "the node cannot fetch {page:?} from the {handler} pod at {host}: {:?}\n{}{}{}{}",
         out.status,
         out.stdout_text(),
         out.stderr_text(),
-        diagnose(&cd, &pod_id),
+        diagnose(cd, pod_id),
         hint(handler)
     );
-    remove_pod(&cd, &pod_id);
-    cd.assert_nothing_left();
 }
 
 /// Pods are dual-stack: once the container runs, its eth0 has the IPv6
@@ -242,22 +248,7 @@ fn ipv6_reaches_the_pod(handler: &str) {
         parts[1].lines().any(|l| l.starts_with(&default)),
         "no `{default}` route\n{context}"
     );
-    let out = cd
-        .sh_in_netns(
-            &fetch_script("busybox wget", &format!("[{ip6}]")),
-            b"",
-            TIMEOUT,
-        )
-        .unwrap();
-    assert!(
-        out.status.success() && out.stdout_text().trim() == page,
-        "the node cannot fetch {page:?} from the {handler} pod at [{ip6}]: {:?}\n{}{}{}{}",
-        out.status,
-        out.stdout_text(),
-        out.stderr_text(),
-        diagnose(&cd, &pod_id),
-        hint(handler)
-    );
+    assert_node_fetches(&cd, &pod_id, handler, &format!("[{ip6}]"), &page);
     remove_pod(&cd, &pod_id);
     cd.assert_nothing_left();
 }
