@@ -43,13 +43,19 @@ pub mod agent_ttrpc {
 /// The guest vsock port the agent serves on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
-/// A ttrpc client on an already connected stream (e.g. after the hybrid
-/// vsock handshake). The client owns the socket from then on.
-/// A call context for agent calls that answer at once (create, start,
-/// signal, stats…): they fail after `seconds` rather than hang on a stuck
-/// guest.
+/// How long an agent call that answers at once (create, start, network
+/// setup, signal, stats…) may take before the guest counts as stuck.
+pub const SETUP_CALL_SECS: u64 = 30;
+
+/// A call context for agent calls that answer at once: they fail after
+/// `seconds` rather than hang on a stuck guest.
 pub fn quick_call(seconds: u64) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(std::time::Duration::from_secs(seconds).as_nanos() as i64)
+}
+
+/// [`quick_call`] with [`SETUP_CALL_SECS`].
+pub fn setup_call() -> ttrpc::context::Context {
+    quick_call(SETUP_CALL_SECS)
 }
 
 /// A call context without a deadline, for calls that wait on the guest's
@@ -73,6 +79,8 @@ pub fn read_output(
     }
 }
 
+/// A ttrpc client on an already connected stream (e.g. after the hybrid
+/// vsock handshake). The client owns the socket from then on.
 pub fn client_from_stream(stream: UnixStream) -> ttrpc::Result<ttrpc::Client> {
     ttrpc::Client::new(stream.into_raw_fd())
 }
@@ -81,6 +89,10 @@ pub fn client_from_stream(stream: UnixStream) -> ttrpc::Result<ttrpc::Client> {
 pub fn error_message(error: &ttrpc::Error) -> String {
     match error {
         ttrpc::Error::RpcStatus(status) => status.message().to_string(),
+        // ttrpc's client gives up on a call's deadline with this text.
+        ttrpc::Error::Others(text) if text.contains("Receiver timeout") => {
+            format!("the guest agent did not answer in time, the guest may be stuck ({text})")
+        }
         other => other.to_string(),
     }
 }

@@ -189,7 +189,7 @@ fn run_connected(
                 cwd: command.cwd.clone(),
                 ..Default::default()
             };
-            if let Err(e) = client.exec_process(protocols::unbounded_call(), &request) {
+            if let Err(e) = client.exec_process(protocols::setup_call(), &request) {
                 return cannot_run(&e, &format!("starting {argv:?} in the guest"));
             }
             Target {
@@ -200,7 +200,7 @@ fn run_connected(
         Launch::Container(container) => {
             client
                 .create_sandbox(
-                    protocols::unbounded_call(),
+                    protocols::setup_call(),
                     &agent::CreateSandboxRequest {
                         shared_fs_tag: container.shared_fs_tag.clone(),
                         ..Default::default()
@@ -214,7 +214,7 @@ fn run_connected(
             let spec_json = serde_json::to_string(&container.spec)?;
             client
                 .create_container(
-                    protocols::unbounded_call(),
+                    protocols::setup_call(),
                     &agent::CreateContainerRequest {
                         container_id: container.id.clone(),
                         spec_json,
@@ -243,7 +243,7 @@ fn run_connected(
     }
     if let Launch::Container(container) = launch {
         let started = client.start_container(
-            protocols::unbounded_call(),
+            protocols::setup_call(),
             &agent::StartContainerRequest {
                 container_id: container.id.clone(),
                 ..Default::default()
@@ -458,5 +458,40 @@ impl Drop for RawTerminal {
             nix::sys::termios::SetArg::TCSANOW,
             &self.saved,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A stuck guest (here an "agent" that takes requests and answers none)
+    /// fails the run once the setup deadline passes; it does not hang it.
+    #[test]
+    fn a_stuck_agent_fails_the_run_instead_of_hanging_it() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let sink = thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while matches!(theirs.read(&mut buf), Ok(n) if n > 0) {}
+        });
+        let launch = Launch::Guest(GuestCommand {
+            argv: vec!["true".into()],
+            env: Vec::new(),
+            cwd: "/".into(),
+        });
+        let started = Instant::now();
+        let error = run_on_agent(ours, &launch).unwrap_err();
+        let waited = started.elapsed();
+        let text = format!("{error:#}");
+        assert!(text.contains("did not answer in time"), "{text}");
+        assert!(
+            waited >= Duration::from_secs(protocols::SETUP_CALL_SECS)
+                && waited < Duration::from_secs(protocols::SETUP_CALL_SECS + 15),
+            "gave up after {waited:?}"
+        );
+        sink.join().unwrap();
     }
 }
