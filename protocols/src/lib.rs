@@ -45,7 +45,7 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// How long an agent call that answers at once (create, start, network
 /// setup, signal, stats…) may take before the guest counts as stuck.
-pub const SETUP_CALL_SECS: u64 = 30;
+pub const PROMPT_CALL_SECS: u64 = 30;
 
 /// A call context for agent calls that answer at once: they fail after
 /// `seconds` rather than hang on a stuck guest.
@@ -53,9 +53,9 @@ pub fn quick_call(seconds: u64) -> ttrpc::context::Context {
     ttrpc::context::with_timeout(std::time::Duration::from_secs(seconds).as_nanos() as i64)
 }
 
-/// [`quick_call`] with [`SETUP_CALL_SECS`].
-pub fn setup_call() -> ttrpc::context::Context {
-    quick_call(SETUP_CALL_SECS)
+/// [`quick_call`] with [`PROMPT_CALL_SECS`].
+pub fn prompt_call() -> ttrpc::context::Context {
+    quick_call(PROMPT_CALL_SECS)
 }
 
 /// A call context without a deadline, for calls that wait on the guest's

@@ -189,7 +189,7 @@ fn run_connected(
                 cwd: command.cwd.clone(),
                 ..Default::default()
             };
-            if let Err(e) = client.exec_process(protocols::setup_call(), &request) {
+            if let Err(e) = client.exec_process(protocols::prompt_call(), &request) {
                 return cannot_run(&e, &format!("starting {argv:?} in the guest"));
             }
             Target {
@@ -200,7 +200,7 @@ fn run_connected(
         Launch::Container(container) => {
             client
                 .create_sandbox(
-                    protocols::setup_call(),
+                    protocols::prompt_call(),
                     &agent::CreateSandboxRequest {
                         shared_fs_tag: container.shared_fs_tag.clone(),
                         ..Default::default()
@@ -214,7 +214,7 @@ fn run_connected(
             let spec_json = serde_json::to_string(&container.spec)?;
             client
                 .create_container(
-                    protocols::setup_call(),
+                    protocols::prompt_call(),
                     &agent::CreateContainerRequest {
                         container_id: container.id.clone(),
                         spec_json,
@@ -243,7 +243,7 @@ fn run_connected(
     }
     if let Launch::Container(container) = launch {
         let started = client.start_container(
-            protocols::setup_call(),
+            protocols::prompt_call(),
             &agent::StartContainerRequest {
                 container_id: container.id.clone(),
                 ..Default::default()
@@ -469,7 +469,7 @@ mod tests {
     use super::*;
 
     /// A stuck guest (here an "agent" that takes requests and answers none)
-    /// fails the run once the setup deadline passes; it does not hang it.
+    /// fails the run once the deadline of its first call passes; it does not hang it.
     #[test]
     fn a_stuck_agent_fails_the_run_instead_of_hanging_it() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
@@ -488,8 +488,8 @@ mod tests {
         let text = format!("{error:#}");
         assert!(text.contains("did not answer in time"), "{text}");
         assert!(
-            waited >= Duration::from_secs(protocols::SETUP_CALL_SECS)
-                && waited < Duration::from_secs(protocols::SETUP_CALL_SECS + 15),
+            waited >= Duration::from_secs(protocols::PROMPT_CALL_SECS)
+                && waited < Duration::from_secs(protocols::PROMPT_CALL_SECS + 15),
             "gave up after {waited:?}"
         );
         sink.join().unwrap();

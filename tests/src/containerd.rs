@@ -411,15 +411,20 @@ impl<'h> Containerd<'h> {
         Ok(out.stdout_text())
     }
 
-    /// containerd's whole log (where VMs run).
+    /// Where containerd logs (where VMs run).
+    fn log_path(&self) -> String {
+        self.dir.join("containerd.log").display().to_string()
+    }
+
+    /// containerd's whole log.
     pub fn log(&self) -> Result<String> {
-        self.read_file(&self.dir.join("containerd.log").display().to_string())
+        self.read_file(&self.log_path())
     }
 
     /// The last lines of containerd's log (with a heading), for error
     /// messages; empty when there is none.
     pub fn log_tail(&self) -> String {
-        let log = self.dir.join("containerd.log").display().to_string();
+        let log = self.log_path();
         match self.host.run(&["tail", "-n", "30", &log], b"", TIMEOUT) {
             Ok(out) if out.status.success() => {
                 format!("\n--- the end of {log}:\n{}", out.stdout_text())

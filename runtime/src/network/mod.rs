@@ -381,7 +381,7 @@ impl PodNetwork {
         for request in &interfaces {
             let name = &request.interface.name;
             agent
-                .update_interface(protocols::setup_call(), request)
+                .update_interface(protocols::prompt_call(), request)
                 .map_err(|e| anyhow::anyhow!(protocols::error_message(&e)))
                 .with_context(|| {
                     format!(
@@ -393,13 +393,13 @@ impl PodNetwork {
         }
         if !routes.routes.is_empty() {
             agent
-                .update_routes(protocols::setup_call(), &routes)
+                .update_routes(protocols::prompt_call(), &routes)
                 .map_err(|e| anyhow::anyhow!(protocols::error_message(&e)))
                 .with_context(|| format!("adding {} routes in the guest", routes.routes.len()))?;
         }
         if !neighbors.neighbors.is_empty() {
             agent
-                .add_arp_neighbors(protocols::setup_call(), &neighbors)
+                .add_arp_neighbors(protocols::prompt_call(), &neighbors)
                 .map_err(|e| anyhow::anyhow!(protocols::error_message(&e)))
                 .with_context(|| {
                     format!(

@@ -188,7 +188,7 @@ impl Pod {
         );
         client
             .create_sandbox(
-                protocols::setup_call(),
+                protocols::prompt_call(),
                 &agent::CreateSandboxRequest {
                     sandbox_id: id.to_string(),
                     hostname: hostname.to_string(),
@@ -506,7 +506,7 @@ impl Pod {
         }
         self.client
             .signal_process(
-                protocols::setup_call(),
+                protocols::prompt_call(),
                 &agent::SignalProcessRequest {
                     container_id: id.to_string(),
                     exec_id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
@@ -574,7 +574,7 @@ impl Pod {
         };
         if let Err(e) = self
             .client
-            .remove_container(protocols::setup_call(), &request)
+            .remove_container(protocols::prompt_call(), &request)
         {
             tracing::warn!(
                 "removing {id} in the guest: {}",
@@ -588,7 +588,7 @@ impl Pod {
         if paused {
             self.client
                 .pause_container(
-                    protocols::setup_call(),
+                    protocols::prompt_call(),
                     &agent::PauseContainerRequest {
                         container_id,
                         ..Default::default()
@@ -598,7 +598,7 @@ impl Pod {
         } else {
             self.client
                 .resume_container(
-                    protocols::setup_call(),
+                    protocols::prompt_call(),
                     &agent::ResumeContainerRequest {
                         container_id,
                         ..Default::default()

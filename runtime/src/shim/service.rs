@@ -370,7 +370,7 @@ impl Task for TaskService {
         let listed = pod
             .agent()
             .list_pids(
-                protocols::setup_call(),
+                protocols::prompt_call(),
                 &agent::ListPidsRequest {
                     container_id: req.id.clone(),
                     ..Default::default()
@@ -462,7 +462,7 @@ impl Task for TaskService {
             .unwrap_or_else(|| "{}".into());
         pod.agent()
             .update_container(
-                protocols::setup_call(),
+                protocols::prompt_call(),
                 &agent::UpdateContainerRequest {
                     container_id: req.id.clone(),
                     resources_json,
@@ -487,7 +487,7 @@ impl Task for TaskService {
         let stats = pod
             .agent()
             .stats_container(
-                protocols::setup_call(),
+                protocols::prompt_call(),
                 &agent::StatsContainerRequest {
                     container_id: req.id.clone(),
                     ..Default::default()
