@@ -89,12 +89,18 @@ pub fn client_from_stream(stream: UnixStream) -> ttrpc::Result<ttrpc::Client> {
 pub fn error_message(error: &ttrpc::Error) -> String {
     match error {
         ttrpc::Error::RpcStatus(status) => status.message().to_string(),
-        // ttrpc's client gives up on a call's deadline with this text.
-        ttrpc::Error::Others(text) if text.contains("Receiver timeout") => {
+        ttrpc::Error::Others(text) if is_deadline(error) => {
             format!("the guest agent did not answer in time, the guest may be stuck ({text})")
         }
         other => other.to_string(),
     }
+}
+
+/// Whether a call failed because its deadline passed without an answer
+/// (rather than because the agent refused it or the connection broke).
+pub fn is_deadline(error: &ttrpc::Error) -> bool {
+    // ttrpc's client gives up on a call's deadline with this text.
+    matches!(error, ttrpc::Error::Others(text) if text.contains("Receiver timeout"))
 }
 
 /// Whether the agent answered NOT_FOUND (unknown process, missing program).

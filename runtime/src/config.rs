@@ -17,6 +17,15 @@ pub const VMM_BINARY: &str = "microvm-vmm";
 pub const ROOTFS_DIR: &str = "busybox-rootfs";
 const SHARE_DIR: &str = "/usr/share/microvm";
 
+/// How long a running guest may leave the agent's health check unanswered
+/// by default: far beyond what a busy but working guest needs.
+pub const DEFAULT_AGENT_UNRESPONSIVE: Duration = Duration::from_secs(30);
+
+/// The health-check limit for a setting in seconds: 0 turns it off.
+pub fn unresponsive_limit(seconds: u64) -> Option<Duration> {
+    (seconds > 0).then(|| Duration::from_secs(seconds))
+}
+
 #[derive(Debug)]
 pub struct SandboxConfig {
     pub kernel: PathBuf,
@@ -29,6 +38,11 @@ pub struct SandboxConfig {
     pub extra_cmdline: String,
     /// How long the guest agent may take to answer after the VMM starts.
     pub agent_timeout: Duration,
+    /// How long a running guest may leave a health check unanswered before
+    /// it counts as stuck and its VM is killed (see [`crate::health`]);
+    /// `None`: never. `MICROVM_AGENT_UNRESPONSIVE` (seconds, 0 for never),
+    /// else [`DEFAULT_AGENT_UNRESPONSIVE`].
+    pub agent_unresponsive: Option<Duration>,
     /// A host directory the guest sees over virtio-fs (tag `microvm`).
     pub shared_dir: Option<PathBuf>,
     /// Host paths bind-mounted into the shared directory (which defaults to
@@ -187,11 +201,11 @@ impl SandboxConfig {
         initrd: Option<PathBuf>,
         vmm: Option<PathBuf>,
     ) -> Result<Self, AssetMissing> {
-        let agent_timeout = std::env::var("MICROVM_AGENT_TIMEOUT")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .map(Duration::from_secs)
-            .unwrap_or(Duration::from_secs(30));
+        let seconds = |name: &str| -> Option<u64> { std::env::var(name).ok()?.parse().ok() };
+        let agent_timeout = Duration::from_secs(seconds("MICROVM_AGENT_TIMEOUT").unwrap_or(30));
+        let agent_unresponsive = unresponsive_limit(
+            seconds("MICROVM_AGENT_UNRESPONSIVE").unwrap_or(DEFAULT_AGENT_UNRESPONSIVE.as_secs()),
+        );
         Ok(Self {
             kernel: match kernel {
                 Some(path) => path,
@@ -210,6 +224,7 @@ impl SandboxConfig {
             console: None,
             extra_cmdline: String::new(),
             agent_timeout,
+            agent_unresponsive,
             shared_dir: None,
             shared_binds: Vec::new(),
             state_dir: None,

@@ -7,7 +7,7 @@
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use anyhow::{Context, Result};
 use protocols::agent;
 use protocols::agent_ttrpc::AgentServiceClient;
 
+use crate::health;
 use crate::network::PodNetwork;
 use crate::sandbox::Sandbox;
 
@@ -110,6 +111,18 @@ fn watch_vmm(vmm_pid: u32, stream: UnixStream, done: Arc<AtomicBool>) {
     });
 }
 
+/// The guest stopped answering the agent's health checks while its VMM
+/// lived on; the VM was killed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}; its VM was killed")]
+pub struct GuestStuck(pub String);
+
+/// What to do when the guest stops answering (see [`crate::health`]).
+struct StuckGuest {
+    limit: Duration,
+    on_stuck: Box<dyn FnOnce(String) + Send>,
+}
+
 /// Runs `launch` in the guest whose agent is on `stream`.
 pub fn run(stream: UnixStream, launch: &Launch, sandbox: &mut Sandbox) -> Result<Outcome> {
     run_with_network(stream, launch, sandbox, None)
@@ -117,7 +130,9 @@ pub fn run(stream: UnixStream, launch: &Launch, sandbox: &mut Sandbox) -> Result
 
 /// [`run`], with the guest's NICs configured (addresses, routes,
 /// neighbours) from `network` before the command starts: right after the
-/// agent's CreateSandbox for a container.
+/// agent's CreateSandbox for a container. A guest that stops answering
+/// health checks for the sandbox's limit is killed, and the run fails with
+/// [`GuestStuck`].
 pub fn run_with_network(
     stream: UnixStream,
     launch: &Launch,
@@ -125,16 +140,35 @@ pub fn run_with_network(
     network: Option<&PodNetwork>,
 ) -> Result<Outcome> {
     let done = Arc::new(AtomicBool::new(false));
-    watch_vmm(sandbox.vmm_pid(), stream.try_clone()?, done.clone());
-    let result = run_connected(stream, launch, network);
+    let vmm_pid = sandbox.vmm_pid();
+    watch_vmm(vmm_pid, stream.try_clone()?, done.clone());
+    let stuck = Arc::new(Mutex::new(None::<String>));
+    let stuck_guest = sandbox.agent_unresponsive().map(|limit| {
+        let stuck = stuck.clone();
+        StuckGuest {
+            limit,
+            on_stuck: Box::new(move |why| {
+                *stuck.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                // Our child, not reaped yet: the pid is still the VMM's.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(vmm_pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }),
+        }
+    });
+    let result = run_connected(stream, launch, network, stuck_guest);
     done.store(true, Ordering::SeqCst);
+    if let Some(why) = stuck.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(GuestStuck(why).into());
+    }
     result
 }
 
 /// Runs `launch` through an agent reached without a VM (an agent serving on
 /// a Unix socket, e.g. for debugging the container engine on a host).
 pub fn run_on_agent(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
-    run_connected(stream, launch, None)
+    run_connected(stream, launch, None, None)
 }
 
 /// A start failure as the shell would report it, or an error.
@@ -165,11 +199,16 @@ fn run_connected(
     stream: UnixStream,
     launch: &Launch,
     network: Option<&PodNetwork>,
+    stuck_guest: Option<StuckGuest>,
 ) -> Result<Outcome> {
     let client = AgentServiceClient::new(
         protocols::client_from_stream(stream)
             .map_err(|e| anyhow::anyhow!("agent connection: {e}"))?,
     );
+    let health = stuck_guest
+        .map(|s| health::watch_agent(client.clone(), s.limit, s.on_stuck))
+        .transpose()
+        .context("starting the agent's health checks")?;
     let argv = launch.argv();
     let terminal = launch.terminal();
     // Caught from before the process exists, so that a signal arriving while
@@ -285,6 +324,7 @@ fn run_connected(
     if let Launch::Container(container) = launch {
         remove_container(&client, &container.id);
     }
+    drop(health);
     let _ = client.shutdown(
         protocols::quick_call(10),
         &agent::ShutdownRequest::default(),

@@ -193,6 +193,10 @@ kernel_params = ""
 [agent]
 # How long the guest agent may take to answer once the VMM runs.
 timeout_secs = 30
+# A running guest whose agent leaves a health check (asked every 5 s)
+# unanswered this long is stuck: its VM is killed and its containers exit
+# with status 255. 0: never.
+unresponsive_secs = 30
 "#,
         memory = crate::shim_config::DEFAULT_MEMORY_MIB,
     )

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod ctl;
 pub mod guest_command;
+pub mod health;
 pub mod hybrid_vsock;
 pub mod install;
 pub mod mountinfo;

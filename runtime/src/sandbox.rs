@@ -235,6 +235,8 @@ pub struct Sandbox {
     dir: PathBuf,
     console: Option<PathBuf>,
     exited: Option<ExitStatus>,
+    /// The configuration's [`SandboxConfig::agent_unresponsive`].
+    agent_unresponsive: Option<Duration>,
 }
 
 impl Sandbox {
@@ -369,6 +371,7 @@ impl Sandbox {
             dir,
             console: config.console.clone(),
             exited: None,
+            agent_unresponsive: config.agent_unresponsive,
         })
     }
 
@@ -383,6 +386,11 @@ impl Sandbox {
         &self.dir
     }
 
+    /// How long the running guest may leave a health check unanswered.
+    pub fn agent_unresponsive(&self) -> Option<Duration> {
+        self.agent_unresponsive
+    }
+
     pub fn vmm_pid(&self) -> u32 {
         self.vmm.id()
     }
@@ -393,6 +401,14 @@ impl Sandbox {
             self.exited = self.vmm.try_wait().ok().flatten();
         }
         self.exited
+    }
+
+    /// Kills the VMM (of a guest found stuck, or at the end) and reaps it.
+    pub fn kill(&mut self) {
+        if self.vmm_exit().is_none() {
+            let _ = self.vmm.kill();
+            self.exited = self.vmm.wait().ok();
+        }
     }
 
     /// What the VMM printed (its errors), trimmed.
@@ -500,10 +516,7 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        if self.vmm_exit().is_none() {
-            let _ = self.vmm.kill();
-            let _ = self.vmm.wait();
-        }
+        self.kill();
         remove_state(&self.dir);
     }
 }

@@ -20,6 +20,9 @@
 //!
 //! [agent]
 //! timeout_secs = 30       # how long the guest agent may take to answer
+//! unresponsive_secs = 30  # a running guest that leaves a health check
+//!                         # unanswered this long is stuck: its VM is killed
+//!                         # and its containers exit 255 (0: never)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -67,6 +70,7 @@ pub struct Hypervisor {
 #[serde(deny_unknown_fields)]
 pub struct Agent {
     pub timeout_secs: Option<u64>,
+    pub unresponsive_secs: Option<u64>,
 }
 
 /// Parses the file at `path`.
@@ -153,6 +157,9 @@ pub fn sandbox_config(option: Option<&Path>) -> Result<SandboxConfig, String> {
     if let Some(secs) = file.agent.timeout_secs {
         config.agent_timeout = Duration::from_secs(secs);
     }
+    if let Some(secs) = file.agent.unresponsive_secs {
+        config.agent_unresponsive = crate::config::unresponsive_limit(secs);
+    }
     Ok(config)
 }
 
@@ -163,12 +170,13 @@ mod tests {
     #[test]
     fn a_full_file_parses_and_unknown_keys_are_named() {
         let file: ConfigFile = toml::from_str(
-            "[hypervisor]\nvcpus = 2\nmemory_mib = 512\nkernel = \"/k\"\n[agent]\ntimeout_secs = 9\n",
+            "[hypervisor]\nvcpus = 2\nmemory_mib = 512\nkernel = \"/k\"\n[agent]\ntimeout_secs = 9\nunresponsive_secs = 0\n",
         )
         .unwrap();
         assert_eq!(file.hypervisor.vcpus, Some(2));
         assert_eq!(file.hypervisor.memory_mib, Some(512));
         assert_eq!(file.agent.timeout_secs, Some(9));
+        assert_eq!(file.agent.unresponsive_secs, Some(0));
         let err = toml::from_str::<ConfigFile>("[hypervisor]\nmemory = 1\n").unwrap_err();
         assert!(err.to_string().contains("memory"), "{err}");
     }

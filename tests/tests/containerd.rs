@@ -25,10 +25,19 @@ fn host() -> &'static VmHost {
 /// A private containerd whose shims may take TCG's time; panics with the
 /// reason when it cannot start, or when `runtime` needs a shim not built.
 fn containerd(runtime: &str) -> Containerd<'static> {
-    let options = Options::new(env!("CARGO_BIN_EXE_cri"));
+    containerd_with_env(runtime, &[])
+}
+
+/// [`containerd`], with `env` added to containerd's (and its shims')
+/// environment.
+fn containerd_with_env(runtime: &str, env: &[(&str, &str)]) -> Containerd<'static> {
+    let mut options = Options::new(env!("CARGO_BIN_EXE_cri"));
     if let Err(e) = options.require_shim(runtime) {
         panic!("the {runtime} tests cannot run: {e:#}");
     }
+    options
+        .env
+        .extend(env.iter().map(|&(k, v)| (k.to_string(), v.to_string())));
     Containerd::start_for_test(host(), options)
 }
 
@@ -213,6 +222,41 @@ fn run_sleeper(cd: &Containerd, runtime: &str, id: &str) {
     .unwrap();
 }
 
+/// Runs the shell `action` (say, a kill of the task's host process) while
+/// `ctr task attach` waits on task `id`: ctr 1.6 has no `task wait`, and
+/// attach ends with the task, exiting with its status (the stopped task is
+/// gone from `ctr task ls` by then). Returns that status,
+/// the milliseconds from the action until containerd reported the exit, and
+/// the script's output.
+fn task_exit_after(cd: &Containerd, id: &str, action: &str) -> (i32, u64, String) {
+    let out = cd
+        .sh(
+            &format!(
+                "$CTR task attach {id} </dev/null >/dev/null 2>&1 & w=$!; sleep 1; \
+                 {action}; s=$(date +%s%N); wait $w; echo \"status $?\"; \
+                 echo \"waited ms $(( ($(date +%s%N) - s) / 1000000 ))\""
+            ),
+            b"",
+            TIMEOUT,
+        )
+        .unwrap();
+    let text = out.stdout_text();
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name:?} in: {text}{}", out.stderr_text()))
+    };
+    (field("status ") as i32, field("waited ms "), text.clone())
+}
+
+/// Deletes `id`'s stopped task if it is still listed (ctr exits with the
+/// task's status, so only its absence afterwards tells success).
+fn remove_stopped_task(cd: &Containerd, id: &str) {
+    cd.ctr(&["task", "rm", id]).unwrap();
+    assert_eq!(task_state(cd, id), "absent");
+}
+
 /// SIGKILL to the task's host process (for runc the container's process,
 /// for kata the pod's VMM): containerd sees the task exit, with a non-zero
 /// status, and deleting it leaves nothing behind.
@@ -221,33 +265,20 @@ fn killed_task_process(runtime: &str) {
     let id = cd.id("killed");
     run_sleeper(&cd, runtime, &id);
     let pid = task_field(&cd, &id, 1).expect("the task's pid");
-    let killed = cd
-        .sh(
-            &format!(
-                "cat /proc/{pid}/comm; kill -KILL {pid}; s=$(date +%s%N); \
-                 $CTR task wait {id}; echo \"status $?\"; \
-                 echo \"waited ms $(( ($(date +%s%N) - s) / 1000000 ))\""
-            ),
-            b"",
-            TIMEOUT,
-        )
-        .unwrap();
-    let text = killed.stdout_text();
+    let (status, waited_ms, text) =
+        task_exit_after(&cd, &id, &format!("cat /proc/{pid}/comm; kill -KILL {pid}"));
     eprintln!("{runtime}: SIGKILL to pid {pid}: {text}");
-    let status: i32 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("status "))
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no exit status: {text}{}", killed.stderr_text()));
-    assert_ne!(status, 0, "{text}");
     if in_a_vm(runtime) {
         assert!(
             text.starts_with("microvm-vmm"),
             "the task's pid is not the VMM: {text}"
         );
+        assert_eq!(status, 255, "{text}");
+    } else {
+        assert_eq!(status, 128 + 9, "{text}");
     }
-    assert_eq!(task_state(&cd, &id), "STOPPED");
-    cd.ctr_ok(&["task", "rm", &id]).unwrap();
+    assert!(waited_ms < 30_000, "{text}");
+    remove_stopped_task(&cd, &id);
     cd.ctr_ok(&["container", "rm", &id]).unwrap();
     cd.assert_nothing_left();
 }
@@ -494,6 +525,42 @@ fn sigkill_to_the_task_process_ends_the_task_runc() {
 #[test]
 fn sigkill_to_the_vmm_ends_the_task_kata() {
     killed_task_process(KATA_RUNTIME);
+}
+
+/// A pod whose guest stops answering while its VMM lives on (the VMM
+/// stopped with SIGSTOP): the shim's health checks find it, kill the VMM,
+/// and containerd sees the task exit 255; deleting it leaves nothing.
+#[test]
+fn a_stuck_guest_ends_the_task_kata() {
+    let cd = containerd_with_env(KATA_RUNTIME, &[("MICROVM_AGENT_UNRESPONSIVE", "6")]);
+    let id = cd.id("stuck");
+    run_sleeper(&cd, KATA_RUNTIME, &id);
+    let pid = task_field(&cd, &id, 1).expect("the task's pid");
+    let (status, waited_ms, text) =
+        task_exit_after(&cd, &id, &format!("cat /proc/{pid}/comm; kill -STOP {pid}"));
+    assert!(
+        text.starts_with("microvm-vmm"),
+        "the task's pid is not the VMM: {text}"
+    );
+    assert_eq!(status, 255, "{text}");
+    // One check interval (3 s) and the 6 s limit, with room for a loaded host.
+    assert!(
+        (5_000..=40_000).contains(&waited_ms),
+        "found stuck after {waited_ms} ms"
+    );
+    let left = cd.sh(
+        &format!("[ -e /proc/{pid} ] && echo vmm-left; true"),
+        b"",
+        TIMEOUT,
+    );
+    assert_eq!(
+        left.unwrap().stdout_text(),
+        "",
+        "the stopped VMM was not killed"
+    );
+    remove_stopped_task(&cd, &id);
+    cd.ctr_ok(&["container", "rm", &id]).unwrap();
+    cd.assert_nothing_left();
 }
 
 #[test]

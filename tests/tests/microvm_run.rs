@@ -302,6 +302,45 @@ fn a_killed_vmm_ends_the_run_with_an_error() {
     assert!(out.stderr_text().contains("VM"), "{}", out.stderr_text());
 }
 
+/// A guest that stops answering while its VMM lives on (here the VMM is
+/// stopped with SIGSTOP) is found by the agent's health checks: the run
+/// fails saying so, the VMM is killed and nothing of the run is left.
+#[test]
+fn a_stuck_guest_is_found_and_its_vm_killed() {
+    let script = format!(
+        "dir=$(mktemp -d); \
+         TMPDIR=$dir MICROVM_AGENT_UNRESPONSIVE=6 {m} run -- sh -c 'echo running; sleep 300' \
+           > $dir/out 2> $dir/err & \
+         for i in $(seq 1 1200); do grep -q running $dir/out && break; sleep 0.1; done; \
+         pid=$(pgrep -f \"microvm-vmm.*$dir\"); kill -STOP $pid; start=$(date +%s); \
+         wait $!; rc=$?; end=$(date +%s); cat $dir/err >&2; \
+         echo \"rc=$rc took=$((end-start))\"; [ -e /proc/$pid ] && echo vmm-left; \
+         echo leftovers: $(ls -A $dir | grep -vx -e out -e err); rm -rf $dir",
+        m = microvm()
+    );
+    let out = sh(&script);
+    let (text, errors) = (out.stdout_text(), out.stderr_text());
+    assert!(
+        text.contains("rc=") && !text.contains("rc=0"),
+        "{text} / {errors}"
+    );
+    assert!(
+        errors.contains("did not answer a health check for 6 s")
+            && errors.contains("its VM was killed"),
+        "{errors}"
+    );
+    // One check interval (3 s) and the 6 s limit, with room for a loaded host.
+    let took: u64 = text
+        .split("took=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!((5..=40).contains(&took), "found stuck after {took} s");
+    assert!(!text.contains("vmm-left"), "{text}");
+    assert!(text.contains("leftovers:\n"), "{text}");
+}
+
 #[test]
 fn eight_runs_leave_nothing_behind() {
     let script = format!(

@@ -416,6 +416,8 @@ fn run(mut options: RunOptions) -> Result<u8> {
     );
     let code = match outcome {
         Ok(outcome) => report(outcome),
+        // Its VMM was killed: that says less than why.
+        Err(e) if e.is::<guest_command::GuestStuck>() => return Err(e),
         Err(e) => {
             // The VM's death explains a broken agent connection best.
             match sandbox.death_within(std::time::Duration::from_secs(2)) {
@@ -581,8 +583,10 @@ fn install(args: &[String]) -> anyhow::Result<u8> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
+            // ttrpc logs each call a dead VM broke; the run's own error
+            // says what happened.
             tracing_subscriber::EnvFilter::try_from_env("MICROVM_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "warn,ttrpc=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();

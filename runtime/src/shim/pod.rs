@@ -26,6 +26,7 @@ use super::mounts::{self, MountSpec};
 use super::process::{timestamp, Process, VM_DIED_EXIT};
 use super::spec;
 use crate::config::SandboxConfig;
+use crate::health::{self, AgentWatch};
 use crate::network::PodNetwork;
 use crate::sandbox::{remove_state, Sandbox, SHARED_FS_TAG};
 
@@ -121,6 +122,8 @@ pub struct Pod {
     sandbox_pid: Mutex<Option<u32>>,
     /// The taps and tc redirects in the pod's network namespace.
     network: Mutex<Option<PodNetwork>>,
+    /// The agent's health checks; dropped when the VM goes down.
+    health: Mutex<Option<AgentWatch>>,
 }
 
 /// What the pod's VM is set up with besides its configuration.
@@ -160,6 +163,7 @@ impl Pod {
         config.state_dir = Some(dir.clone());
         config.late_mounts = true;
         let agent_timeout = config.agent_timeout;
+        let unresponsive = config.agent_unresponsive;
         let (started_tx, started_rx) = mpsc::channel();
         let (keeper_tx, keeper_rx) = mpsc::channel::<()>();
         std::thread::Builder::new()
@@ -216,8 +220,19 @@ impl Pod {
             dead: AtomicBool::new(false),
             sandbox_pid: Mutex::new(None),
             network: Mutex::new(network),
+            health: Mutex::new(None),
         });
         watch_vm(Arc::downgrade(&pod));
+        if let Some(limit) = unresponsive {
+            let weak = Arc::downgrade(&pod);
+            let watch = health::watch_agent(pod.client.clone(), limit, move |why| {
+                if let Some(pod) = weak.upgrade() {
+                    pod.vm_stuck(why);
+                }
+            })
+            .map_err(|e| PodError::Other(format!("starting the agent's health checks: {e}")))?;
+            *pod.health.lock().unwrap_or_else(|p| p.into_inner()) = Some(watch);
+        }
         tracing::info!("pod {id}: VM up (VMM pid {})", pod.vmm_pid);
         Ok(pod)
     }
@@ -640,6 +655,7 @@ impl Pod {
     /// Ends the VM: asks the agent to power off, waits a moment, kills the
     /// VMM if needed, removes the pod's state.
     pub fn shut_down(&self) {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).take();
         if !self.is_dead() {
             let _ = self
                 .client
@@ -684,6 +700,23 @@ impl Pod {
         for process in processes {
             self.record_exit(&process, VM_DIED_EXIT);
         }
+    }
+
+    /// Called when the guest stopped answering while its VMM lives on: the
+    /// pod's processes end as for a dead VM, and the VMM is killed.
+    fn vm_stuck(&self, why: String) {
+        tracing::error!("pod {}: {why}; killing its VM", self.id);
+        if let Some(sandbox) = self
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            sandbox.kill();
+        }
+        // The exits go out once the VMM is gone (unless the VMM watch, which
+        // may see the death first, has sent them already).
+        self.vm_died(format!("{why}; its VM was killed"));
     }
 }
 
