@@ -289,6 +289,7 @@ mod tests {
             Some(PathBuf::from("/opt/m/share/vmlinux"))
         );
         assert_eq!(file.runtime.log_level.as_deref(), Some("info"));
+        assert_eq!(file.agent.unresponsive_secs, Some(30));
         let stanza: toml::Value = toml::from_str(&containerd_stanza(&paths.config_file)).unwrap();
         let kata =
             &stanza["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["kata"];

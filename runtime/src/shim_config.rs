@@ -163,9 +163,48 @@ pub fn sandbox_config(option: Option<&Path>) -> Result<SandboxConfig, String> {
     Ok(config)
 }
 
+/// Grows a pod's VM by its workload, as Kata's static sandbox sizing does:
+/// the configured size is what the guest itself needs, the containers'
+/// limits come on top (memory in full; vCPUs up to `host_cpus`, as more
+/// vCPUs than host CPUs only add contention).
+pub fn size_for_workload(
+    config: &mut SandboxConfig,
+    workload: crate::shim::spec::PodWorkload,
+    host_cpus: usize,
+) {
+    config.memory_mib = config.memory_mib.saturating_add(workload.memory_mib);
+    let cpus = u32::from(config.cpus).saturating_add(workload.vcpus);
+    let limit = u32::try_from(host_cpus)
+        .unwrap_or(u32::MAX)
+        .clamp(1, u32::from(u8::MAX));
+    config.cpus = cpus.min(limit.max(u32::from(config.cpus))) as u8;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shim::spec::PodWorkload;
+
+    #[test]
+    fn a_pods_workload_is_added_to_its_vm() {
+        let mut config =
+            SandboxConfig::with_assets(Some("/k".into()), Some("/i".into()), Some("/v".into()))
+                .unwrap();
+        config.memory_mib = 256;
+        config.cpus = 1;
+        let workload = PodWorkload {
+            memory_mib: 512,
+            vcpus: 2,
+        };
+        size_for_workload(&mut config, workload, 8);
+        assert_eq!((config.memory_mib, config.cpus), (768, 3));
+        // No more vCPUs than the host has, but never fewer than configured.
+        size_for_workload(&mut config, workload, 4);
+        assert_eq!((config.memory_mib, config.cpus), (1280, 4));
+        config.cpus = 2;
+        size_for_workload(&mut config, PodWorkload::default(), 1);
+        assert_eq!((config.memory_mib, config.cpus), (1280, 2));
+    }
 
     #[test]
     fn a_full_file_parses_and_unknown_keys_are_named() {

@@ -626,14 +626,7 @@ fn installed_runtime_runs_a_pod_with_its_configuration() {
         .create_container(&pod_id, &pod, "sleeper", &[], &["sleep", "100000"])
         .unwrap();
     cd.cri(&["start", &sleeper]).unwrap();
-    let meminfo = cd
-        .cri(&["exec-sync", &sleeper, "--", "cat", "/proc/meminfo"])
-        .unwrap();
-    let total_kib: u64 = text(&meminfo["stdout"])
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no MemTotal: {meminfo}"));
+    let total_kib = mem_total_kib(&cd, &sleeper);
     // 192 MiB of guest memory, less what the kernel keeps for itself.
     assert!(
         (150 * 1024..=192 * 1024).contains(&total_kib),
@@ -655,6 +648,52 @@ fn installed_runtime_runs_a_pod_with_its_configuration() {
     cd.cri(&["rmp", &pod_id]).unwrap();
     cd.assert_nothing_left();
     host().run(&["rm", "-rf", &dir], b"", TIMEOUT).unwrap();
+}
+
+/// MemTotal of /proc/meminfo in running container `id` (CRI ExecSync).
+fn mem_total_kib(cd: &Containerd, id: &str) -> u64 {
+    let meminfo = cd
+        .cri(&["exec-sync", id, "--", "cat", "/proc/meminfo"])
+        .unwrap();
+    text(&meminfo["stdout"])
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal: {meminfo}"))
+}
+
+/// A pod whose containers' limits come with it (the pod's
+/// `linux.resources`, which containerd turns into sandbox annotations) gets
+/// a VM that large on top of the configured 256 MiB, as with Kata's static
+/// sandbox sizing; a pod without gets the configured size.
+#[test]
+fn a_kata_pods_vm_is_sized_by_its_containers_limits() {
+    let cd = containerd(KATA_RUNTIME);
+    let mut sized = cd.pod("sized", KATA_HANDLER);
+    // 384 MiB; CPUs as well (capped at the host's: one in the test host).
+    sized.extra = ["--pod-memory", "402653184", "--pod-cpu-quota", "150000"]
+        .into_iter()
+        .chain(["--pod-cpu-period", "100000"])
+        .map(String::from)
+        .collect();
+    let plain = cd.pod("plain", KATA_HANDLER);
+    for (pod, mib) in [(&sized, 256 + 384), (&plain, 256)] {
+        let pod_id = cd.run_pod(pod).unwrap();
+        let sleeper = cd
+            .create_container(&pod_id, pod, "sleeper", &[], &["sleep", "100000"])
+            .unwrap();
+        cd.cri(&["start", &sleeper]).unwrap();
+        let total_kib = mem_total_kib(&cd, &sleeper);
+        // The guest's memory less what its kernel keeps (well under 64 MiB).
+        assert!(
+            ((mib - 64) * 1024..=mib * 1024).contains(&total_kib),
+            "pod {}: the guest has {total_kib} KiB, not {mib} MiB",
+            pod.name
+        );
+        cd.cri(&["stopp", &pod_id]).unwrap();
+        cd.cri(&["rmp", &pod_id]).unwrap();
+    }
+    cd.assert_nothing_left();
 }
 
 /// The harness itself: what a test leaves running is reported, with its

@@ -186,8 +186,20 @@ impl TaskService {
             }
             return Ok(pod.clone());
         }
-        let config = crate::shim_config::sandbox_config(config_path)
+        let mut config = crate::shim_config::sandbox_config(config_path)
             .map_err(PodError::FailedPrecondition)?;
+        let workload = spec::pod_workload(spec).map_err(PodError::InvalidArgument)?;
+        if workload != spec::PodWorkload::default() {
+            let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            crate::shim_config::size_for_workload(&mut config, workload, host_cpus);
+            tracing::info!(
+                "pod {pod_id}: containers' limits {} MiB, {} CPUs: VM of {} MiB, {} vCPUs",
+                workload.memory_mib,
+                workload.vcpus,
+                config.memory_mib,
+                config.cpus
+            );
+        }
         let hostname = spec["hostname"].as_str().unwrap_or_default();
         // The netns is complete when the sandbox task is created: CRI runs
         // CNI ADD before it.

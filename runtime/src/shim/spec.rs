@@ -61,6 +61,53 @@ pub fn network_namespace(spec: &Value) -> Option<&str> {
         .filter(|path| !path.is_empty())
 }
 
+/// What the pod's containers may use in all, as containerd's CRI plugin
+/// writes it on the sandbox container from the pod's
+/// `linux.resources` (which kubelet fills with the sum of the containers'
+/// limits for VM runtimes): memory in bytes, CPU quota and period.
+const ANNOTATION_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+const ANNOTATION_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+const ANNOTATION_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// The pod's workload, to size its VM by (Kata's static sandbox sizing).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PodWorkload {
+    /// The containers' memory limits, MiB rounded up (0: none given).
+    pub memory_mib: u32,
+    /// The containers' CPU limits in whole CPUs, quota / period rounded up
+    /// (0: none given).
+    pub vcpus: u32,
+}
+
+/// The workload the sandbox container's annotations announce; none for
+/// other containers or without annotations. A value that is not a number
+/// is an error naming the annotation.
+pub fn pod_workload(spec: &Value) -> Result<PodWorkload, String> {
+    let number = |key: &str| -> Result<i64, String> {
+        match spec["annotations"][key].as_str() {
+            None => Ok(0),
+            Some(text) => text
+                .trim()
+                .parse()
+                .map_err(|e| format!("annotation {key}={text:?}: {e}")),
+        }
+    };
+    let memory = number(ANNOTATION_SANDBOX_MEMORY)?.max(0) as u64;
+    let (quota, period) = (
+        number(ANNOTATION_SANDBOX_CPU_QUOTA)?,
+        number(ANNOTATION_SANDBOX_CPU_PERIOD)?,
+    );
+    let vcpus = if quota > 0 && period > 0 {
+        (quota as u64).div_ceil(period as u64)
+    } else {
+        0
+    };
+    Ok(PodWorkload {
+        memory_mib: u32::try_from(memory.div_ceil(1 << 20)).unwrap_or(u32::MAX),
+        vcpus: u32::try_from(vcpus).unwrap_or(u32::MAX),
+    })
+}
+
 /// Whether the container is a CRI sandbox (pause) container.
 pub fn is_cri_sandbox(spec: &Value) -> bool {
     spec["annotations"][ANNOTATION_CONTAINER_TYPE].as_str() == Some("sandbox")
@@ -178,6 +225,33 @@ fn guest_mount(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sandbox_annotations_give_the_pods_workload() {
+        let spec = json!({"annotations": {
+            ANNOTATION_SANDBOX_MEMORY: "536870913",
+            ANNOTATION_SANDBOX_CPU_QUOTA: "150000",
+            ANNOTATION_SANDBOX_CPU_PERIOD: "100000",
+        }});
+        assert_eq!(
+            pod_workload(&spec).unwrap(),
+            PodWorkload {
+                memory_mib: 513,
+                vcpus: 2
+            }
+        );
+        // Unlimited (-1 quota, 0 memory) or not given: nothing to add.
+        let unlimited = json!({"annotations": {
+            ANNOTATION_SANDBOX_MEMORY: "0",
+            ANNOTATION_SANDBOX_CPU_QUOTA: "-1",
+            ANNOTATION_SANDBOX_CPU_PERIOD: "100000",
+        }});
+        assert_eq!(pod_workload(&unlimited).unwrap(), PodWorkload::default());
+        assert_eq!(pod_workload(&json!({})).unwrap(), PodWorkload::default());
+        let bad = json!({"annotations": {ANNOTATION_SANDBOX_MEMORY: "lots"}});
+        let err = pod_workload(&bad).unwrap_err();
+        assert!(err.contains("io.kubernetes.cri.sandbox-memory"), "{err}");
+    }
 
     #[test]
     fn cri_containers_join_their_sandbox() {

@@ -22,7 +22,9 @@ use crate::args::Args;
 /// no CNI configuration), `--dns-server IP`, `--dns-search DOMAIN`,
 /// `--dns-option OPT` (each repeatable: the pod's `dns_config`, from which
 /// containerd writes its `resolv.conf`; none: the node's), `--pod-label K=V`,
-/// `--pod-annotation K=V`.
+/// `--pod-annotation K=V`, `--pod-memory BYTES` and `--pod-cpu-quota N` with
+/// `--pod-cpu-period N` (the pod's `linux.resources`: the sum of its
+/// containers' limits, which kubelet gives VM runtimes).
 pub fn pod_config(args: &mut Args) -> Result<PodSandboxConfig> {
     let Some(name) = args.value("pod-name") else {
         bail!("--pod-name is required");
@@ -54,6 +56,13 @@ pub fn pod_config(args: &mut Args) -> Result<PodSandboxConfig> {
         ipc: NamespaceMode::Pod as i32,
         ..Default::default()
     };
+    let resources = LinuxContainerResources {
+        memory_limit_in_bytes: args.number("pod-memory", 0)?,
+        cpu_quota: args.number("pod-cpu-quota", 0)?,
+        cpu_period: args.number("pod-cpu-period", 0)?,
+        ..Default::default()
+    };
+    let resources = (resources != LinuxContainerResources::default()).then_some(resources);
     Ok(PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
             uid: args
@@ -76,6 +85,7 @@ pub fn pod_config(args: &mut Args) -> Result<PodSandboxConfig> {
                 namespace_options: Some(namespace_options),
                 ..Default::default()
             }),
+            resources,
             ..Default::default()
         }),
         ..Default::default()
