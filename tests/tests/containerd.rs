@@ -15,7 +15,7 @@ use microvm_tests::containerd::{
     text, Containerd, Options, IMAGE, KATA_HANDLER, KATA_RUNTIME, RUNC_HANDLER, RUNC_RUNTIME,
     TIMEOUT,
 };
-use microvm_tests::{vm_host, ExitStatus, VmHost};
+use microvm_tests::{vm_host, ExitStatus, Output, VmHost};
 use serde_json::Value;
 
 fn host() -> &'static VmHost {
@@ -95,23 +95,21 @@ fn task_field(cd: &Containerd, id: &str, n: usize) -> Option<String> {
         .map(String::from)
 }
 
+/// `ctr run --rm [flags] --runtime RUNTIME IMAGE id argv…`.
+fn ctr_run_rm(cd: &Containerd, runtime: &str, flags: &[&str], id: &str, argv: &[&str]) -> Output {
+    let mut args = vec!["run", "--rm", "--runtime", runtime];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&[IMAGE, id]);
+    args.extend_from_slice(argv);
+    cd.ctr(&args).unwrap()
+}
+
 /// `ctr run --rm` passes the container's output and exit code through.
 fn ctr_run_exit_code(runtime: &str) {
     let cd = containerd(runtime);
     let id = cd.id("run");
-    let out = cd
-        .ctr(&[
-            "run",
-            "--rm",
-            "--runtime",
-            runtime,
-            IMAGE,
-            &id,
-            "sh",
-            "-c",
-            &format!("echo hi; cat {BOOT_ID} >&2; exit 3"),
-        ])
-        .unwrap();
+    let script = format!("echo hi; cat {BOOT_ID} >&2; exit 3");
+    let out = ctr_run_rm(&cd, runtime, &[], &id, &["sh", "-c", &script]);
     assert_eq!(
         (out.status, out.stdout_text().as_str()),
         (ExitStatus::Code(3), "hi\n"),
@@ -626,11 +624,10 @@ fn installed_runtime_runs_a_pod_with_its_configuration() {
         .create_container(&pod_id, &pod, "sleeper", &[], &["sleep", "100000"])
         .unwrap();
     cd.cri(&["start", &sleeper]).unwrap();
-    let total_kib = mem_total_kib(&cd, &sleeper);
-    // 192 MiB of guest memory, less what the kernel keeps for itself.
-    assert!(
-        (150 * 1024..=192 * 1024).contains(&total_kib),
-        "the guest has {total_kib} KiB, not the configured 192 MiB"
+    assert_guest_memory(
+        mem_total_kib(&cd, &sleeper),
+        192,
+        "the configuration's memory_mib",
     );
     let shims = cd
         .sh(
@@ -655,11 +652,47 @@ fn mem_total_kib(cd: &Containerd, id: &str) -> u64 {
     let meminfo = cd
         .cri(&["exec-sync", id, "--", "cat", "/proc/meminfo"])
         .unwrap();
-    text(&meminfo["stdout"])
+    mem_total_in(text(&meminfo["stdout"]))
+}
+
+/// MemTotal, in KiB, of `meminfo` (the text of /proc/meminfo).
+fn mem_total_in(meminfo: &str) -> u64 {
+    meminfo
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no MemTotal: {meminfo}"))
+}
+
+/// Asserts that a guest of `mib` MiB, which keeps well under 64 MiB for its
+/// kernel, shows `total_kib` as MemTotal.
+fn assert_guest_memory(total_kib: u64, mib: u64, what: &str) {
+    assert!(
+        ((mib - 64) * 1024..=mib * 1024).contains(&total_kib),
+        "{what}: the guest has {total_kib} KiB, not {mib} MiB"
+    );
+}
+
+/// A container outside CRI (`ctr run`, nerdctl) is a pod of its own: its
+/// memory limit is added to its VM, as a pod's containers' limits are.
+#[test]
+fn a_ctr_containers_vm_is_sized_by_its_memory_limit_kata() {
+    let cd = containerd(KATA_RUNTIME);
+    let id = cd.id("limited");
+    let out = ctr_run_rm(
+        &cd,
+        KATA_RUNTIME,
+        &["--memory-limit", "402653184"],
+        &id,
+        &["cat", "/proc/meminfo"],
+    );
+    assert_eq!(out.status, ExitStatus::Code(0), "{}", out.stderr_text());
+    assert_guest_memory(
+        mem_total_in(&out.stdout_text()),
+        256 + 384,
+        "ctr run --memory-limit 384 MiB",
+    );
+    cd.assert_nothing_left();
 }
 
 /// A pod whose containers' limits come with it (the pod's
@@ -683,13 +716,7 @@ fn a_kata_pods_vm_is_sized_by_its_containers_limits() {
             .create_container(&pod_id, pod, "sleeper", &[], &["sleep", "100000"])
             .unwrap();
         cd.cri(&["start", &sleeper]).unwrap();
-        let total_kib = mem_total_kib(&cd, &sleeper);
-        // The guest's memory less what its kernel keeps (well under 64 MiB).
-        assert!(
-            ((mib - 64) * 1024..=mib * 1024).contains(&total_kib),
-            "pod {}: the guest has {total_kib} KiB, not {mib} MiB",
-            pod.name
-        );
+        assert_guest_memory(mem_total_kib(&cd, &sleeper), mib, &pod.name);
         cd.cri(&["stopp", &pod_id]).unwrap();
         cd.cri(&["rmp", &pod_id]).unwrap();
     }

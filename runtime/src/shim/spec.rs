@@ -79,31 +79,43 @@ pub struct PodWorkload {
     pub vcpus: u32,
 }
 
-/// The workload the sandbox container's annotations announce; none for
-/// other containers or without annotations. A value that is not a number
-/// is an error naming the annotation.
+/// The pod's workload: for a CRI container what its sandbox annotations
+/// announce (none for a CRI container without them); for a container
+/// outside CRI (`ctr run`, nerdctl), which is a pod of its own, its own
+/// memory and CPU limits. An annotation that is not a number is an error
+/// naming it.
 pub fn pod_workload(spec: &Value) -> Result<PodWorkload, String> {
-    let number = |key: &str| -> Result<i64, String> {
-        match spec["annotations"][key].as_str() {
-            None => Ok(0),
-            Some(text) => text
-                .trim()
-                .parse()
-                .map_err(|e| format!("annotation {key}={text:?}: {e}")),
-        }
+    let (memory, quota, period) = if spec["annotations"][ANNOTATION_CONTAINER_TYPE].is_null() {
+        let resources = &spec["linux"]["resources"];
+        let limit = |value: &Value| value.as_i64().unwrap_or(0);
+        (
+            limit(&resources["memory"]["limit"]),
+            limit(&resources["cpu"]["quota"]),
+            limit(&resources["cpu"]["period"]),
+        )
+    } else {
+        let number = |key: &str| -> Result<i64, String> {
+            match spec["annotations"][key].as_str() {
+                None => Ok(0),
+                Some(text) => text
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("annotation {key}={text:?}: {e}")),
+            }
+        };
+        (
+            number(ANNOTATION_SANDBOX_MEMORY)?,
+            number(ANNOTATION_SANDBOX_CPU_QUOTA)?,
+            number(ANNOTATION_SANDBOX_CPU_PERIOD)?,
+        )
     };
-    let memory = number(ANNOTATION_SANDBOX_MEMORY)?.max(0) as u64;
-    let (quota, period) = (
-        number(ANNOTATION_SANDBOX_CPU_QUOTA)?,
-        number(ANNOTATION_SANDBOX_CPU_PERIOD)?,
-    );
     let vcpus = if quota > 0 && period > 0 {
         (quota as u64).div_ceil(period as u64)
     } else {
         0
     };
     Ok(PodWorkload {
-        memory_mib: u32::try_from(memory.div_ceil(1 << 20)).unwrap_or(u32::MAX),
+        memory_mib: u32::try_from((memory.max(0) as u64).div_ceil(1 << 20)).unwrap_or(u32::MAX),
         vcpus: u32::try_from(vcpus).unwrap_or(u32::MAX),
     })
 }
@@ -229,6 +241,7 @@ mod tests {
     #[test]
     fn the_sandbox_annotations_give_the_pods_workload() {
         let spec = json!({"annotations": {
+            ANNOTATION_CONTAINER_TYPE: "sandbox",
             ANNOTATION_SANDBOX_MEMORY: "536870913",
             ANNOTATION_SANDBOX_CPU_QUOTA: "150000",
             ANNOTATION_SANDBOX_CPU_PERIOD: "100000",
@@ -242,15 +255,40 @@ mod tests {
         );
         // Unlimited (-1 quota, 0 memory) or not given: nothing to add.
         let unlimited = json!({"annotations": {
+            ANNOTATION_CONTAINER_TYPE: "sandbox",
             ANNOTATION_SANDBOX_MEMORY: "0",
             ANNOTATION_SANDBOX_CPU_QUOTA: "-1",
             ANNOTATION_SANDBOX_CPU_PERIOD: "100000",
         }});
         assert_eq!(pod_workload(&unlimited).unwrap(), PodWorkload::default());
-        assert_eq!(pod_workload(&json!({})).unwrap(), PodWorkload::default());
-        let bad = json!({"annotations": {ANNOTATION_SANDBOX_MEMORY: "lots"}});
+        let cri = json!({"annotations": {ANNOTATION_CONTAINER_TYPE: "sandbox"},
+            "linux": {"resources": {"memory": {"limit": 1 << 30}}}});
+        assert_eq!(pod_workload(&cri).unwrap(), PodWorkload::default());
+        let bad = json!({"annotations": {
+            ANNOTATION_CONTAINER_TYPE: "sandbox",
+            ANNOTATION_SANDBOX_MEMORY: "lots",
+        }});
         let err = pod_workload(&bad).unwrap_err();
         assert!(err.contains("io.kubernetes.cri.sandbox-memory"), "{err}");
+    }
+
+    #[test]
+    fn a_container_outside_cri_is_sized_by_its_own_limits() {
+        let spec = json!({"linux": {"resources": {
+            "memory": {"limit": 402653184},
+            "cpu": {"quota": 250000, "period": 100000},
+        }}});
+        assert_eq!(
+            pod_workload(&spec).unwrap(),
+            PodWorkload {
+                memory_mib: 384,
+                vcpus: 3
+            }
+        );
+        assert_eq!(pod_workload(&json!({})).unwrap(), PodWorkload::default());
+        // ctr's default quota is -1 (none).
+        let unlimited = json!({"linux": {"resources": {"cpu": {"quota": -1, "period": 100000}}}});
+        assert_eq!(pod_workload(&unlimited).unwrap(), PodWorkload::default());
     }
 
     #[test]
