@@ -123,16 +123,13 @@ struct StuckGuest {
     on_stuck: Box<dyn FnOnce(String) + Send>,
 }
 
-/// Runs `launch` in the guest whose agent is on `stream`.
-pub fn run(stream: UnixStream, launch: &Launch, sandbox: &mut Sandbox) -> Result<Outcome> {
-    run_with_network(stream, launch, sandbox, None)
-}
-
-/// [`run`], with the guest's NICs configured (addresses, routes,
-/// neighbours) from `network` before the command starts: right after the
-/// agent's CreateSandbox for a container. A guest that stops answering
-/// health checks for the sandbox's limit is killed, and the run fails with
-/// [`GuestStuck`].
+/// Runs `launch` in the guest of `sandbox`, whose agent is on `stream`,
+/// with the guest's NICs configured (addresses, routes, neighbours) from
+/// `network` before the command starts: right after the agent's
+/// CreateSandbox for a container. A guest that stops answering health
+/// checks for the sandbox's limit fails the run with [`GuestStuck`] (its
+/// agent connection is broken, as a dead VM's is; the caller's dropping of
+/// `sandbox` then kills the VMM).
 pub fn run_with_network(
     stream: UnixStream,
     launch: &Launch,
@@ -140,23 +137,21 @@ pub fn run_with_network(
     network: Option<&PodNetwork>,
 ) -> Result<Outcome> {
     let done = Arc::new(AtomicBool::new(false));
-    let vmm_pid = sandbox.vmm_pid();
-    watch_vmm(vmm_pid, stream.try_clone()?, done.clone());
+    watch_vmm(sandbox.vmm_pid(), stream.try_clone()?, done.clone());
     let stuck = Arc::new(Mutex::new(None::<String>));
-    let stuck_guest = sandbox.agent_unresponsive().map(|limit| {
-        let stuck = stuck.clone();
-        StuckGuest {
-            limit,
-            on_stuck: Box::new(move |why| {
-                *stuck.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                // Our child, not reaped yet: the pid is still the VMM's.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(vmm_pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }),
+    let stuck_guest = match sandbox.agent_unresponsive() {
+        Some(limit) => {
+            let (stuck, connection) = (stuck.clone(), stream.try_clone()?);
+            Some(StuckGuest {
+                limit,
+                on_stuck: Box::new(move |why| {
+                    *stuck.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                    let _ = connection.shutdown(std::net::Shutdown::Both);
+                }),
+            })
         }
-    });
+        None => None,
+    };
     let result = run_connected(stream, launch, network, stuck_guest);
     done.store(true, Ordering::SeqCst);
     if let Some(why) = stuck.lock().unwrap_or_else(|p| p.into_inner()).take() {

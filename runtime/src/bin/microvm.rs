@@ -416,7 +416,8 @@ fn run(mut options: RunOptions) -> Result<u8> {
     );
     let code = match outcome {
         Ok(outcome) => report(outcome),
-        // Its VMM was killed: that says less than why.
+        // Dropping the sandbox kills the stuck VM; its death would say
+        // less than why.
         Err(e) if e.is::<guest_command::GuestStuck>() => return Err(e),
         Err(e) => {
             // The VM's death explains a broken agent connection best.
