@@ -31,6 +31,7 @@
 pub mod device;
 pub mod event_handler;
 pub mod memory_view;
+pub mod round_trips;
 pub mod server;
 #[cfg(test)]
 mod tests;

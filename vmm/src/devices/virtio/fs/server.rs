@@ -1,13 +1,16 @@
 //! The virtio-fs backend: `fuse-backend-rs`'s passthrough file system over
 //! the shared directory, mounted at the root of its VFS (which negotiates the
 //! FUSE session with the guest), its FUSE server, and one request served from
-//! one descriptor chain.
+//! one descriptor chain (by the server, or by [`super::round_trips`] for the
+//! two requests the device answers itself).
 
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use fuse_backend_rs::abi::fuse_abi::FsOptions;
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{FsOptions, InHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::{Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
@@ -15,15 +18,27 @@ use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use fuse_virtio_queue::DescriptorChain;
 
 use super::memory_view::FuseMemory;
-use super::FsError;
+use super::{round_trips, FsError};
 
-/// The FUSE file system every fs device serves.
-pub type FsServer = Server<Arc<Vfs>>;
+/// How long the guest may trust what it learnt of a name (entries and
+/// negative entries) or of a file's attributes before asking again:
+/// fuse-backend-rs's default for its "auto" cache policy.
+pub const CACHE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What serves one fs device's requests: the FUSE server, and the VFS it
+/// talks to (for the requests answered in [`round_trips`]).
+pub struct FsServer {
+    server: Server<Arc<Vfs>>,
+    vfs: Arc<Vfs>,
+}
 
 /// A FUSE server exporting `dir`.
 pub fn new_server(dir: &Path) -> Result<Arc<FsServer>, FsError> {
-    let vfs = vfs_over(passthrough(dir)?)?;
-    Ok(Arc::new(Server::new(Arc::new(vfs))))
+    let vfs = Arc::new(vfs_over(passthrough(dir)?)?);
+    Ok(Arc::new(FsServer {
+        server: Server::new(vfs.clone()),
+        vfs,
+    }))
 }
 
 /// The VFS the server talks to, with `fs` mounted at its root. The VFS (not
@@ -67,6 +82,8 @@ fn passthrough(dir: &Path) -> Result<PassthroughFs, FsError> {
         // One guest owns the share: it caches data and metadata (for the
         // configured timeouts), revalidating file data on open.
         cache_policy: CachePolicy::Auto,
+        entry_timeout: CACHE_TIMEOUT,
+        attr_timeout: CACHE_TIMEOUT,
         // Writes gather in the guest's page cache and reach us as large
         // WRITEs (up to 1 MiB) instead of one per write(2).
         writeback: true,
@@ -140,7 +157,19 @@ pub fn serve_chain(
             return 0;
         }
     };
-    match server.handle_message(reader, writer.into(), None, None) {
+    // The server reads the header itself: it gets `reader` untouched.
+    let mut body = reader.clone();
+    let served = match body.read_obj::<InHeader>() {
+        Ok(header) if round_trips::answered_here(header.opcode) => {
+            round_trips::answer(&server.vfs, CACHE_TIMEOUT, &header, body, writer.into())
+                .map_err(|e| e.to_string())
+        }
+        _ => server
+            .server
+            .handle_message(reader, writer.into(), None, None)
+            .map_err(|e| e.to_string()),
+    };
+    match served {
         Ok(len) => u32::try_from(len).unwrap_or(0),
         Err(e) => {
             tracing::debug!("virtio-fs: request failed: {e}");

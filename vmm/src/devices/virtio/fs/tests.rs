@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{
-    EntryOut, InHeader, InitIn, InitOut, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, WriteIn,
-    WriteOut,
+    EntryOut, FlushIn, InHeader, InitIn, InitOut, Opcode, OpenIn, OpenOut, OutHeader, ReadIn,
+    WriteIn, WriteOut,
 };
 use fuse_vm_memory::ByteValued;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
@@ -226,8 +226,12 @@ fn round_trip(features: u64) {
     assert_eq!(init.major, 7);
     assert!(init.max_write >= 4096, "max_write {}", init.max_write);
 
+    // A missing name: a negative entry the guest may cache.
     let (error, missing) = lookup(&mut driver, &fs, "missing");
-    assert_eq!(error, -libc::ENOENT, "{missing:?}");
+    assert_eq!(error, 0, "{missing:?}");
+    assert_eq!(missing.nodeid, 0);
+    assert_eq!(missing.entry_valid, server::CACHE_TIMEOUT.as_secs());
+    assert_ne!(missing.entry_valid, 0);
     let (error, entry) = lookup(&mut driver, &fs, "hello.txt");
     assert_eq!(error, 0);
     assert_ne!(entry.nodeid, 0);
@@ -258,6 +262,22 @@ fn round_trip(features: u64) {
         data[..9_000] == content[5..9_005],
         "READ returned other bytes"
     );
+
+    // FLUSH is refused with ENOSYS (the guest then stops sending it).
+    let flush = FlushIn {
+        fh,
+        ..Default::default()
+    };
+    let (used, header, _) = call(
+        &mut driver,
+        &fs,
+        Opcode::Flush,
+        entry.nodeid,
+        flush.as_slice(),
+        &[64],
+    );
+    assert_eq!(header.error, -libc::ENOSYS);
+    assert_eq!(used as usize, HEADER);
 
     // WRITE: the payload goes from guest memory to the host file.
     let payload = b"written by the guest";
@@ -308,6 +328,64 @@ fn the_hiprio_queue_is_served_too() {
     kick(&fs, HIPRIO_QUEUE);
     driver.guest.wait_used(HIPRIO_QUEUE, 1);
     assert_eq!(driver.guest.used(HIPRIO_QUEUE, 0), (0, 0));
+}
+
+#[test]
+fn lookups_answered_by_the_device_refuse_bad_names_and_directories() {
+    let dir = ScratchDir::new("lookups");
+    shared_file(&dir.0, "f", 10);
+    let memory = guest_memory();
+    let mut driver = FuseDriver::new(&memory);
+    let mut fs = Fs::new("microvm", &dir.0).unwrap();
+    driver.guest.activate(&mut fs, FEATURE_VERSION_1);
+    init(&mut driver, &fs);
+    let (_, header, _) = call(&mut driver, &fs, Opcode::Lookup, ROOT, b"no-nul", &[256]);
+    assert_eq!(header.error, -libc::EINVAL, "a name without its NUL");
+    let long = vec![b'n'; 5000];
+    let (_, header, _) = call(&mut driver, &fs, Opcode::Lookup, ROOT, &long, &[256]);
+    assert_eq!(header.error, -libc::ENAMETOOLONG);
+    // Errors other than "no such name" stay errors.
+    let (_, file) = lookup(&mut driver, &fs, "f");
+    let (_, header, _) = call(
+        &mut driver,
+        &fs,
+        Opcode::Lookup,
+        file.nodeid,
+        b"x\0",
+        &[256],
+    );
+    assert_eq!(header.error, -libc::ENOTDIR, "a name under a file");
+    // A name that a file later gets: the device itself never caches the
+    // negative answer (the guest does, for the timeout).
+    let (error, missing) = lookup(&mut driver, &fs, "later");
+    assert_eq!((error, missing.nodeid), (0, 0));
+    std::fs::write(dir.0.join("later"), b"now").unwrap();
+    let (error, found) = lookup(&mut driver, &fs, "later");
+    assert_eq!(error, 0);
+    assert_ne!(found.nodeid, 0);
+    assert_eq!(found.attr.size, 3);
+    // No room for the entry: nothing is returned, the device keeps serving.
+    let (used, _) = driver_lookup_into(&mut driver, &fs, "f", 16);
+    assert_eq!(used, 0);
+    let (error, entry) = lookup(&mut driver, &fs, "f");
+    assert_eq!(error, 0);
+    assert_ne!(entry.nodeid, 0);
+}
+
+/// LOOKUP of `name` with a reply buffer of `len` bytes: the used length and
+/// the reply buffer's bytes.
+fn driver_lookup_into(driver: &mut FuseDriver, fs: &Fs, name: &str, len: u32) -> (u32, Vec<u8>) {
+    let body = [name.as_bytes(), b"\0"].concat();
+    let message = driver.message(Opcode::Lookup, ROOT, &body);
+    let placed = driver.guest.post(
+        REQUEST_QUEUE,
+        &[Buffer::Readable(&message), Buffer::Writable(len)],
+    );
+    kick(fs, REQUEST_QUEUE);
+    let count = driver.guest.posted(REQUEST_QUEUE);
+    driver.guest.wait_used(REQUEST_QUEUE, count);
+    let (_, used) = driver.guest.used(REQUEST_QUEUE, count - 1);
+    (used, driver.guest.read(placed[1].0, len as usize))
 }
 
 #[test]
