@@ -17,6 +17,7 @@ use protocols::agent_ttrpc::AgentServiceClient;
 
 use crate::health;
 use crate::network::PodNetwork;
+use crate::process_exit::ExitWatch;
 use crate::sandbox::Sandbox;
 
 /// A guest-level command (no container).
@@ -91,22 +92,16 @@ const GUEST_EXEC_ID: &str = "cmd";
 /// Watches the VMM process; when it ends, shuts the agent stream down so
 /// every pending agent call fails instead of waiting forever.
 fn watch_vmm(vmm_pid: u32, stream: UnixStream, done: Arc<AtomicBool>) {
+    let exit = ExitWatch::new(vmm_pid);
     thread::spawn(move || {
-        let stat = format!("/proc/{vmm_pid}/stat");
         while !done.load(Ordering::SeqCst) {
-            let alive = std::fs::read_to_string(&stat)
-                .map(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .map(|rest| !rest.trim_start().starts_with('Z'))
-                        .unwrap_or(false)
-                })
-                .unwrap_or(false);
-            if !alive {
-                let _ = stream.shutdown(std::net::Shutdown::Both);
+            // At the run's end the VMM is killed, which wakes us too.
+            if exit.wait(None) {
+                if !done.load(Ordering::SeqCst) {
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                }
                 return;
             }
-            thread::sleep(Duration::from_millis(20));
         }
     });
 }

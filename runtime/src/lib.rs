@@ -11,6 +11,7 @@ pub mod install;
 pub mod mountinfo;
 pub mod network;
 pub mod oci;
+pub mod process_exit;
 pub mod sandbox;
 pub mod shim;
 pub mod shim_config;

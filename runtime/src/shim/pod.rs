@@ -28,6 +28,7 @@ use super::spec;
 use crate::config::SandboxConfig;
 use crate::health::{self, AgentWatch};
 use crate::network::PodNetwork;
+use crate::process_exit::ExitWatch;
 use crate::sandbox::{remove_state, Sandbox, SHARED_FS_TAG};
 
 /// Publishes task events to containerd.
@@ -222,7 +223,7 @@ impl Pod {
             network: Mutex::new(network),
             health: Mutex::new(None),
         });
-        watch_vm(Arc::downgrade(&pod));
+        watch_vm(Arc::downgrade(&pod), pod.vmm_pid);
         if let Some(limit) = unresponsive {
             let weak = Arc::downgrade(&pod);
             let watch = health::watch_agent(pod.client.clone(), limit, move |why| {
@@ -755,10 +756,12 @@ fn drain(threads: Vec<JoinHandle<()>>, limit: Duration) {
     let _ = done_rx.recv_timeout(limit);
 }
 
-/// Polls the VMM; when it has ended, the pod's processes are ended too.
-fn watch_vm(pod: Weak<Pod>) {
+/// Waits for the VMM to end (woken by its pidfd, no polling); when it has,
+/// the pod's processes are ended too.
+fn watch_vm(pod: Weak<Pod>, vmm_pid: u32) {
+    let exit = ExitWatch::new(vmm_pid);
     std::thread::spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(20));
+        let exited = exit.wait(None);
         let Some(pod) = pod.upgrade() else { return };
         if pod.is_dead() {
             return;
@@ -766,13 +769,23 @@ fn watch_vm(pod: Weak<Pod>) {
         let death = {
             let mut sandbox = pod.sandbox.lock().unwrap_or_else(|p| p.into_inner());
             match sandbox.as_mut() {
-                Some(sandbox) => sandbox.death().map(|e| e.to_string()),
+                // Its exit status follows its exit closely.
+                Some(sandbox) if exited => sandbox.death_within(Duration::from_secs(1)),
+                Some(sandbox) => sandbox.death(),
                 None => return,
             }
+            .map(|e| e.to_string())
         };
-        if let Some(why) = death {
-            pod.vm_died(why);
-            return;
+        match death {
+            Some(why) => {
+                pod.vm_died(why);
+                return;
+            }
+            None if exited => {
+                tracing::warn!("pod {}: its VMM exited but has no exit status", pod.id);
+                return;
+            }
+            None => {}
         }
     });
 }
