@@ -107,6 +107,27 @@ fn a_64_mib_file_keeps_its_checksum_both_ways() {
 }
 
 #[test]
+fn a_name_the_host_creates_after_the_guest_missed_it_shows_up() {
+    // The guest caches "no such name" (a negative entry) for the share's
+    // entry timeout, 5 s: a file the host creates meanwhile must show up
+    // once it has passed, not be hidden for good. The host creates `late`
+    // when the guest asks (by creating `asked`) after looking it up.
+    let out = with_share(
+        "(i=0; while [ ! -e $d/asked ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+          echo 'made late' > $d/late) &",
+        "if [ -e late ]; then echo 'late too early'; fi\n\
+         : > asked\n\
+         i=0; while [ ! -e late ] && [ $i -lt 40 ]; do sleep 1; i=$((i+1)); done\n\
+         echo \"late seen: $(cat late)\"",
+        "",
+    );
+    assert_ok(&out);
+    let stdout = out.stdout_text();
+    assert!(!stdout.contains("late too early"), "{stdout}");
+    assert_eq!(field(&stdout, "late seen:"), "made late", "{stdout}");
+}
+
+#[test]
 fn namespace_operations_in_the_guest_show_on_the_host() {
     // mkdir, rename, unlink, symlink, hard link, chmod, and 1000 entries
     // read back by readdir, both ways.
