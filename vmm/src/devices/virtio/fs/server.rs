@@ -7,7 +7,6 @@
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{FsOptions, InHeader};
