@@ -99,7 +99,7 @@ fn lookup(
 }
 
 /// "No such name, and the guest may remember that for `timeout`."
-pub fn negative_entry(timeout: Duration) -> EntryOut {
+fn negative_entry(timeout: Duration) -> EntryOut {
     EntryOut {
         nodeid: 0,
         entry_valid: timeout.as_secs(),

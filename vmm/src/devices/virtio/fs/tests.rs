@@ -120,6 +120,15 @@ fn object<T: ByteValued + Default>(bytes: &[u8]) -> T {
     value
 }
 
+/// A device over `dir`, activated (version 1 only) and past INIT, with its driver.
+fn session<'a>(memory: &'a GuestMemoryMmap, dir: &Path) -> (FuseDriver<'a>, Fs) {
+    let mut driver = FuseDriver::new(memory);
+    let mut fs = Fs::new("microvm", dir).unwrap();
+    driver.guest.activate(&mut fs, FEATURE_VERSION_1);
+    init(&mut driver, &fs);
+    (driver, fs)
+}
+
 fn init(driver: &mut FuseDriver, fs: &Fs) -> InitOut {
     let body = InitIn {
         major: 7,
@@ -316,10 +325,7 @@ fn the_round_trip_works_with_event_idx() {
 fn the_hiprio_queue_is_served_too() {
     let dir = ScratchDir::new("hiprio");
     let memory = guest_memory();
-    let mut driver = FuseDriver::new(&memory);
-    let mut fs = Fs::new("microvm", &dir.0).unwrap();
-    driver.guest.activate(&mut fs, FEATURE_VERSION_1);
-    init(&mut driver, &fs);
+    let (mut driver, fs) = session(&memory, &dir.0);
     // FORGET needs no reply: the chain comes back used, length 0.
     let forget = driver.message(Opcode::Forget, ROOT, &1u64.to_le_bytes());
     driver
@@ -335,10 +341,7 @@ fn lookups_answered_by_the_device_refuse_bad_names_and_directories() {
     let dir = ScratchDir::new("lookups");
     shared_file(&dir.0, "f", 10);
     let memory = guest_memory();
-    let mut driver = FuseDriver::new(&memory);
-    let mut fs = Fs::new("microvm", &dir.0).unwrap();
-    driver.guest.activate(&mut fs, FEATURE_VERSION_1);
-    init(&mut driver, &fs);
+    let (mut driver, fs) = session(&memory, &dir.0);
     let (_, header, _) = call(&mut driver, &fs, Opcode::Lookup, ROOT, b"no-nul", &[256]);
     assert_eq!(header.error, -libc::EINVAL, "a name without its NUL");
     let long = vec![b'n'; 5000];
@@ -365,27 +368,24 @@ fn lookups_answered_by_the_device_refuse_bad_names_and_directories() {
     assert_ne!(found.nodeid, 0);
     assert_eq!(found.attr.size, 3);
     // No room for the entry: nothing is returned, the device keeps serving.
-    let (used, _) = driver_lookup_into(&mut driver, &fs, "f", 16);
-    assert_eq!(used, 0);
+    assert_eq!(lookup_with_room(&mut driver, &fs, "f", 16), 0);
     let (error, entry) = lookup(&mut driver, &fs, "f");
     assert_eq!(error, 0);
     assert_ne!(entry.nodeid, 0);
 }
 
-/// LOOKUP of `name` with a reply buffer of `len` bytes: the used length and
-/// the reply buffer's bytes.
-fn driver_lookup_into(driver: &mut FuseDriver, fs: &Fs, name: &str, len: u32) -> (u32, Vec<u8>) {
+/// LOOKUP of `name` with a reply buffer of `len` bytes: the used length.
+fn lookup_with_room(driver: &mut FuseDriver, fs: &Fs, name: &str, len: u32) -> u32 {
     let body = [name.as_bytes(), b"\0"].concat();
     let message = driver.message(Opcode::Lookup, ROOT, &body);
-    let placed = driver.guest.post(
+    driver.guest.post(
         REQUEST_QUEUE,
         &[Buffer::Readable(&message), Buffer::Writable(len)],
     );
     kick(fs, REQUEST_QUEUE);
     let count = driver.guest.posted(REQUEST_QUEUE);
     driver.guest.wait_used(REQUEST_QUEUE, count);
-    let (_, used) = driver.guest.used(REQUEST_QUEUE, count - 1);
-    (used, driver.guest.read(placed[1].0, len as usize))
+    driver.guest.used(REQUEST_QUEUE, count - 1).1
 }
 
 #[test]
@@ -393,10 +393,7 @@ fn malformed_chains_get_used_length_zero_and_the_device_keeps_serving() {
     let dir = ScratchDir::new("malformed");
     shared_file(&dir.0, "f", 10);
     let memory = guest_memory();
-    let mut driver = FuseDriver::new(&memory);
-    let mut fs = Fs::new("microvm", &dir.0).unwrap();
-    driver.guest.activate(&mut fs, FEATURE_VERSION_1);
-    init(&mut driver, &fs);
+    let (mut driver, fs) = session(&memory, &dir.0);
 
     let lookup_f = driver.message(Opcode::Lookup, ROOT, b"f\0");
     let beyond = MEMORY_SIZE as u64 + 0x1000;
@@ -488,10 +485,7 @@ fn random_requests_never_crash_the_server() {
     shared_file(&dir.0, "f", 100);
     std::fs::create_dir(dir.0.join("d")).unwrap();
     let memory = guest_memory();
-    let mut driver = FuseDriver::new(&memory);
-    let mut fs = Fs::new("microvm", &dir.0).unwrap();
-    driver.guest.activate(&mut fs, FEATURE_VERSION_1);
-    init(&mut driver, &fs);
+    let (mut driver, fs) = session(&memory, &dir.0);
     let mut state = 0x2545_f491_4f6c_dd1d_u64;
     let mut random = move || {
         state ^= state << 13;
