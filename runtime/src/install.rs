@@ -176,8 +176,6 @@ pub fn configuration_toml(paths: &InstallPaths) -> String {
 log_level = "info"
 
 [hypervisor]
-# Running VMs map their kernel from this file (copy-on-write): replace it by
-# renaming a new file into place, never by writing into it.
 kernel = "{share}/{KERNEL_FILE}"
 initrd = "{share}/{INITRD_FILE}"
 vmm = "{bin}/{VMM_BINARY}"

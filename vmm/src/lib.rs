@@ -4,7 +4,6 @@
 //! - [`layout`]: where everything lives in guest-physical memory;
 //! - [`memory`]: guest RAM, 2 MiB-aligned host mappings registered as KVM slots;
 //! - [`boot`]: loading the kernel, initramfs, command line and zero page;
-//! - [`mapped_image`]: the kernel's pages mapped copy-on-write from its file, not copied;
 //! - [`arch`]: the x86_64 boot state (registers, page tables, CPUID, MSRs, MP table);
 //! - [`vcpu`]: vCPU creation and run loops;
 //! - [`devices`]: serial console, i8042 (reset), virtio-mmio devices (vsock, fs, net);
@@ -15,7 +14,6 @@ pub mod boot;
 pub mod devices;
 pub mod kvm;
 pub mod layout;
-pub mod mapped_image;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
