@@ -128,6 +128,24 @@ fn a_name_the_host_creates_after_the_guest_missed_it_shows_up() {
 }
 
 #[test]
+fn rm_rf_of_a_directory_of_many_files_removes_them_all() {
+    // `rm -rf` reads a batch of names, removes them, reads on from where it
+    // was. On a share whose directory offsets are positions among the live
+    // names (tmpfs before Linux 6.6: the test host's), seeking back to an
+    // offset after removals skipped names, and rmdir failed with
+    // "Directory not empty".
+    let out = with_share(
+        "mkdir $d/many; (cd $d/many && seq 1 600 | xargs touch)",
+        "echo \"guest saw: $(ls many | wc -l)\"; rm -rf many",
+        "echo \"host left: $(ls $d | wc -l)\"",
+    );
+    assert_ok(&out);
+    let stdout = out.stdout_text();
+    assert_eq!(field(&stdout, "guest saw:"), "600", "{stdout}");
+    assert_eq!(field(&stdout, "host left:"), "0", "{stdout}");
+}
+
+#[test]
 fn namespace_operations_in_the_guest_show_on_the_host() {
     // mkdir, rename, unlink, symlink, hard link, chmod, and 1000 entries
     // read back by readdir, both ways.

@@ -9,6 +9,8 @@
 //!   raises the interrupt;
 //! - [`server`]: the backend: `fuse-backend-rs`'s passthrough file system
 //!   and FUSE server, and one request served from one descriptor chain;
+//! - [`listings`]: directory reads served from a listing taken at their
+//!   start, whose offsets removals do not move;
 //! - [`memory_view`]: guest memory and queues in the FUSE server's types.
 //!
 //! # Why two versions of vm-memory and virtio-queue
@@ -30,6 +32,7 @@
 
 pub mod device;
 pub mod event_handler;
+pub mod listings;
 pub mod memory_view;
 pub mod round_trips;
 pub mod server;

@@ -110,7 +110,7 @@ fn negative_entry(timeout: Duration) -> EntryOut {
 
 /// Writes the reply to `header`'s request: `payload` after a success
 /// header, or an error header with `-errno`.
-fn reply(
+pub(super) fn reply(
     mut writer: Writer<'_, ()>,
     header: &InHeader,
     payload: Result<&[u8], i32>,

@@ -1,21 +1,23 @@
 //! The virtio-fs backend: `fuse-backend-rs`'s passthrough file system over
 //! the shared directory, mounted at the root of its VFS (which negotiates the
 //! FUSE session with the guest), its FUSE server, and one request served from
-//! one descriptor chain (by the server, or by [`super::round_trips`] for the
-//! two requests the device answers itself).
+//! one descriptor chain (by the server, by [`super::round_trips`] for the
+//! two requests the device answers itself, or from [`super::listings`] for
+//! directory reads).
 
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{FsOptions, InHeader};
+use fuse_backend_rs::abi::fuse_abi::{FsOptions, InHeader, Opcode, ReleaseIn};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::{Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use fuse_virtio_queue::DescriptorChain;
 
+use super::listings::{self, Listings};
 use super::memory_view::FuseMemory;
 use super::{round_trips, FsError};
 
@@ -29,6 +31,7 @@ pub const CACHE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct FsServer {
     server: Server<Arc<Vfs>>,
     vfs: Arc<Vfs>,
+    listings: Listings,
 }
 
 /// A FUSE server exporting `dir`.
@@ -37,6 +40,7 @@ pub fn new_server(dir: &Path) -> Result<Arc<FsServer>, FsError> {
     Ok(Arc::new(FsServer {
         server: Server::new(vfs.clone()),
         vfs,
+        listings: Listings::default(),
     }))
 }
 
@@ -163,7 +167,22 @@ pub fn serve_chain(
             round_trips::answer(&server.vfs, CACHE_TIMEOUT, &header, body, writer.into())
                 .map_err(|e| e.to_string())
         }
-        _ => server
+        Ok(header) if listings::answered_here(header.opcode) => server
+            .listings
+            .answer(&server.vfs, &header, body, writer.into())
+            .map_err(|e| e.to_string()),
+        Ok(header) => {
+            if header.opcode == Opcode::Releasedir as u32 {
+                if let Ok(release) = body.read_obj::<ReleaseIn>() {
+                    server.listings.release(release.fh);
+                }
+            }
+            server
+                .server
+                .handle_message(reader, writer.into(), None, None)
+                .map_err(|e| e.to_string())
+        }
+        Err(_) => server
             .server
             .handle_message(reader, writer.into(), None, None)
             .map_err(|e| e.to_string()),

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{
-    EntryOut, FlushIn, InHeader, InitIn, InitOut, Opcode, OpenIn, OpenOut, OutHeader, ReadIn,
-    WriteIn, WriteOut,
+    Dirent, EntryOut, FlushIn, InHeader, InitIn, InitOut, Opcode, OpenIn, OpenOut, OutHeader,
+    ReadIn, ReleaseIn, WriteIn, WriteOut,
 };
 use fuse_vm_memory::ByteValued;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
@@ -35,7 +35,21 @@ struct ScratchDir(PathBuf);
 
 impl ScratchDir {
     fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
+        Self::under(&std::env::temp_dir(), name)
+    }
+
+    /// On /dev/shm (a tmpfs) when there is one.
+    fn new_on_tmpfs(name: &str) -> Self {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            Self::under(shm, name)
+        } else {
+            Self::new(name)
+        }
+    }
+
+    fn under(parent: &Path, name: &str) -> Self {
+        let path = parent.join(format!(
             "vmm-virtio-fs-{name}-{}-{:?}",
             std::process::id(),
             std::thread::current().id()
@@ -614,4 +628,96 @@ fn a_corrupt_ring_is_abandoned_not_spun_on_and_bad_heads_are_skipped() {
     assert_eq!(driver.guest.used_idx(REQUEST_QUEUE), 1);
     // The other queue is unaffected.
     assert!(!state.broken[HIPRIO_QUEUE]);
+}
+
+/// Reads directory `fh` the way `rm -rf` does: a batch of names, each
+/// removed (on the host, which moves a tmpfs directory's offsets the same
+/// way as the guest's UNLINK) before the next batch is asked for from the
+/// last offset. Returns the names seen.
+fn read_while_removing(
+    driver: &mut FuseDriver,
+    fs: &Fs,
+    dir: &Path,
+    fh: u64,
+    opcode: Opcode,
+) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut offset = 0;
+    loop {
+        let body = ReadIn {
+            fh,
+            offset,
+            size: 4096,
+            ..Default::default()
+        };
+        let (_, header, reply) = call(driver, fs, opcode, ROOT, body.as_slice(), &[4096 + 16]);
+        assert_eq!(header.error, 0, "{opcode:?} failed");
+        let mut rest = &reply[..header.len as usize - HEADER];
+        if rest.is_empty() {
+            return seen;
+        }
+        while !rest.is_empty() {
+            if matches!(opcode, Opcode::Readdirplus) {
+                rest = &rest[std::mem::size_of::<EntryOut>()..];
+            }
+            let dirent = object::<Dirent>(rest);
+            let start = std::mem::size_of::<Dirent>();
+            let name = &rest[start..start + dirent.namelen as usize];
+            let name = String::from_utf8(name.to_vec()).unwrap();
+            std::fs::remove_file(dir.join(&name)).unwrap();
+            seen.push(name);
+            offset = dirent.off;
+            rest = &rest[(start + dirent.namelen as usize).next_multiple_of(8)..];
+        }
+    }
+}
+
+#[test]
+fn a_directory_read_while_its_names_are_removed_yields_every_name() {
+    for opcode in [Opcode::Readdirplus, Opcode::Readdir] {
+        // A tmpfs where there is one. Before Linux 6.6 its offsets are
+        // positions among the live names, which removals move (the VM test
+        // `rm_rf_of_a_directory_of_many_files_removes_them_all` runs on
+        // such a kernel, the test host's); on later kernels this checks
+        // the listing's offsets, order and release.
+        let scratch = ScratchDir::new_on_tmpfs(&format!("listing-{opcode:?}"));
+        let names: Vec<String> = (0..300).map(|i| format!("f{i:03}")).collect();
+        for name in &names {
+            std::fs::write(scratch.0.join(name), b"").unwrap();
+        }
+        let memory = guest_memory();
+        let (mut driver, fs) = session(&memory, &scratch.0);
+        let body = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            fuse_flags: 0,
+        };
+        let (_, header, reply) = call(
+            &mut driver,
+            &fs,
+            Opcode::Opendir,
+            ROOT,
+            body.as_slice(),
+            &[256],
+        );
+        assert_eq!(header.error, 0, "OPENDIR failed");
+        let fh = object::<OpenOut>(&reply).fh;
+        let mut seen = read_while_removing(&mut driver, &fs, &scratch.0, fh, opcode);
+        seen.sort();
+        assert_eq!(seen, names, "{opcode:?} skipped names");
+        let left = std::fs::read_dir(&scratch.0).unwrap().count();
+        assert_eq!(left, 0, "names left in the directory");
+        let release = ReleaseIn {
+            fh,
+            ..Default::default()
+        };
+        let (_, header, _) = call(
+            &mut driver,
+            &fs,
+            Opcode::Releasedir,
+            ROOT,
+            release.as_slice(),
+            &[256],
+        );
+        assert_eq!(header.error, 0, "RELEASEDIR failed");
+    }
 }
