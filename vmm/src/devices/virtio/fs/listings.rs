@@ -14,6 +14,8 @@
 //! failed with "Directory not empty". Here the offsets are indexes into a
 //! listing that removals do not change, as POSIX has it: names removed or
 //! added after the directory was opened (or rewound) may or may not show.
+//! The listing also has "." and "..", as every Linux file system's reads
+//! do (`ls -a` in a container shows them, as under runc).
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -32,6 +34,10 @@ use super::round_trips::reply;
 /// The buffer size asked of the file system for each batch of host
 /// entries while a listing is taken.
 const BATCH_BYTES: u32 = 64 * 1024;
+
+/// The most a reply carries, whatever the guest asks: the largest FUSE
+/// request the device takes (256 pages).
+const MAX_REPLY: usize = 1 << 20;
 
 /// One name of a listed directory.
 struct Listed {
@@ -65,7 +71,7 @@ impl Listings {
         let Ok(request) = body.read_obj::<ReadIn>() else {
             return reply(writer, header, Err(libc::EINVAL));
         };
-        let room = (request.size as usize).min(
+        let room = (request.size as usize).min(MAX_REPLY).min(
             writer
                 .available_bytes()
                 .saturating_sub(size_of::<OutHeader>()),
@@ -86,7 +92,7 @@ impl Listings {
         }
         let listing = &open[&request.fh];
         let first = usize::try_from(request.offset).unwrap_or(usize::MAX);
-        let mut payload = Vec::with_capacity(room);
+        let mut payload = Vec::new();
         for (index, listed) in listing.iter().enumerate().skip(first) {
             let name = listed.name.as_bytes();
             let dirent_len = (size_of::<Dirent>() + name.len() + 7) & !7;
@@ -97,11 +103,16 @@ impl Listings {
             if plus {
                 // Counts a lookup the guest will FORGET, as a LOOKUP
                 // would. A name gone since the listing goes out without
-                // attributes (node id 0), which the guest skips.
-                let entry = vfs
-                    .lookup(&caller, header.nodeid.into(), &listed.name)
-                    .map(EntryOut::from)
-                    .unwrap_or_default();
+                // attributes (node id 0), which the guest skips; so do "."
+                // and "..", whose attributes the guest never takes from a
+                // directory read (and would never FORGET).
+                let entry = if index < 2 {
+                    EntryOut::default()
+                } else {
+                    vfs.lookup(&caller, header.nodeid.into(), &listed.name)
+                        .map(EntryOut::from)
+                        .unwrap_or_default()
+                };
                 payload.extend_from_slice(entry.as_slice());
             }
             let dirent = Dirent {
@@ -122,12 +133,31 @@ impl Listings {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         open.remove(&fh);
     }
+
+    /// Drops every listing (a new FUSE session).
+    pub fn clear(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.clear();
+    }
 }
 
-/// Every name in the open directory `nodeid`/`fh` but "." and "..", read
-/// from the file system in batches, each picking up where the last ended.
+/// Every name in the open directory `nodeid`/`fh`: "." and ".." (which the
+/// passthrough file system leaves out), then the rest, read from the file
+/// system in batches, each picking up where the last ended.
 fn list(vfs: &Vfs, caller: &Context, nodeid: u64, fh: u64) -> io::Result<Vec<Listed>> {
-    let mut listing = Vec::new();
+    let (here, parent) = dot_inodes(vfs, caller, nodeid)?;
+    let mut listing = vec![
+        Listed {
+            name: c".".into(),
+            ino: here,
+            type_: libc::DT_DIR.into(),
+        },
+        Listed {
+            name: c"..".into(),
+            ino: parent,
+            type_: libc::DT_DIR.into(),
+        },
+    ];
     let mut offset = 0;
     loop {
         let mut added = 0usize;
@@ -153,5 +183,22 @@ fn list(vfs: &Vfs, caller: &Context, nodeid: u64, fh: u64) -> io::Result<Vec<Lis
         if added == 0 {
             return Ok(listing);
         }
+    }
+}
+
+/// The host inode numbers of directory `nodeid` and of its parent (its own
+/// at the top of the share, as at the root of any file system).
+fn dot_inodes(vfs: &Vfs, caller: &Context, nodeid: u64) -> io::Result<(u64, u64)> {
+    let (attr, _) = vfs.getattr(caller, nodeid.into(), None)?;
+    if nodeid == fuse_backend_rs::api::filesystem::ROOT_ID {
+        return Ok((attr.st_ino, attr.st_ino));
+    }
+    // A lookup counts a reference, given back at once.
+    match vfs.lookup(caller, nodeid.into(), c"..") {
+        Ok(entry) => {
+            vfs.forget(caller, entry.inode.into(), 1);
+            Ok((attr.st_ino, entry.attr.st_ino))
+        }
+        Err(_) => Ok((attr.st_ino, attr.st_ino)),
     }
 }

@@ -176,6 +176,10 @@ pub fn serve_chain(
                 if let Ok(release) = body.read_obj::<ReleaseIn>() {
                     server.listings.release(release.fh);
                 }
+            } else if header.opcode == Opcode::Init as u32 {
+                // A new session (the guest's driver started over): the
+                // last one's open directories are gone.
+                server.listings.clear();
             }
             server
                 .server
