@@ -27,7 +27,10 @@ const TIMEOUT: Duration = Duration::from_secs(900);
 
 /// The file system workload: prints `write S`, `read S`, `meta S` lines
 /// (seconds, from /proc/uptime) for the directory it is given as $1.
+/// Any failing step fails the run (a `rm -rf` that left names behind once
+/// went unnoticed here).
 const WORKLOAD: &str = r#"
+set -e
 d=$1; t() { cut -d' ' -f1 /proc/uptime; }
 sync; a=$(t); dd if=/dev/zero of=$d/big bs=1M count=$2 conv=fsync 2>/dev/null; b=$(t); echo "write $a $b"
 sync; echo 3 > /proc/sys/vm/drop_caches
@@ -71,7 +74,7 @@ fn main() -> Result<()> {
         "sh",
         "-c",
         format!(
-            "sh /workload.sh /bench {file_mib}; echo \"=== guest tmpfs ($?)\"; \
+            "sh /workload.sh /bench {file_mib} && echo '=== guest tmpfs' && \
              sh /workload.sh /scratch {file_mib}"
         )
     ]);
