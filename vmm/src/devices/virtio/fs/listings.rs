@@ -23,7 +23,9 @@ use std::io;
 use std::mem::size_of;
 use std::sync::Mutex;
 
-use fuse_backend_rs::abi::fuse_abi::{Dirent, EntryOut, InHeader, Opcode, OutHeader, ReadIn};
+use fuse_backend_rs::abi::fuse_abi::{
+    Dirent, EntryOut, InHeader, Opcode, OutHeader, ReadIn, ReleaseIn,
+};
 use fuse_backend_rs::api::filesystem::{Context, FileSystem};
 use fuse_backend_rs::api::Vfs;
 use fuse_backend_rs::transport::{Reader, Writer};
@@ -128,16 +130,18 @@ impl Listings {
         reply(writer, header, Ok(&payload))
     }
 
-    /// Drops the listing of handle `fh` (the guest closed the directory).
-    pub fn release(&self, fh: u64) {
+    /// Takes note of a request the FUSE server answers: RELEASEDIR (the
+    /// guest closed the directory) drops its listing, INIT (a new session:
+    /// the guest's driver started over) every listing.
+    pub fn see_forwarded(&self, header: &InHeader, mut body: Reader<'_, ()>) {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.remove(&fh);
-    }
-
-    /// Drops every listing (a new FUSE session).
-    pub fn clear(&self) {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.clear();
+        if header.opcode == Opcode::Releasedir as u32 {
+            if let Ok(release) = body.read_obj::<ReleaseIn>() {
+                open.remove(&release.fh);
+            }
+        } else if header.opcode == Opcode::Init as u32 {
+            open.clear();
+        }
     }
 }
 

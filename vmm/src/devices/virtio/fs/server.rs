@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{FsOptions, InHeader, Opcode, ReleaseIn};
+use fuse_backend_rs::abi::fuse_abi::{FsOptions, InHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::{Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, PassthroughFs};
@@ -171,25 +171,15 @@ pub fn serve_chain(
             .listings
             .answer(&server.vfs, &header, body, writer.into())
             .map_err(|e| e.to_string()),
-        Ok(header) => {
-            if header.opcode == Opcode::Releasedir as u32 {
-                if let Ok(release) = body.read_obj::<ReleaseIn>() {
-                    server.listings.release(release.fh);
-                }
-            } else if header.opcode == Opcode::Init as u32 {
-                // A new session (the guest's driver started over): the
-                // last one's open directories are gone.
-                server.listings.clear();
+        header => {
+            if let Ok(header) = header {
+                server.listings.see_forwarded(&header, body);
             }
             server
                 .server
                 .handle_message(reader, writer.into(), None, None)
                 .map_err(|e| e.to_string())
         }
-        Err(_) => server
-            .server
-            .handle_message(reader, writer.into(), None, None)
-            .map_err(|e| e.to_string()),
     };
     match served {
         Ok(len) => u32::try_from(len).unwrap_or(0),
