@@ -41,6 +41,9 @@ const BATCH_BYTES: u32 = 64 * 1024;
 /// request the device takes (256 pages).
 const MAX_REPLY: usize = 1 << 20;
 
+/// The most names a listing holds (some 200 MiB of them at most).
+const MAX_LISTED: usize = 1 << 22;
+
 /// One name of a listed directory.
 struct Listed {
     name: CString,
@@ -164,7 +167,7 @@ fn list(vfs: &Vfs, caller: &Context, nodeid: u64, fh: u64) -> io::Result<Vec<Lis
     ];
     let mut offset = 0;
     loop {
-        let mut added = 0usize;
+        let (before, mut added) = (offset, 0usize);
         vfs.readdir(
             caller,
             nodeid.into(),
@@ -184,7 +187,12 @@ fn list(vfs: &Vfs, caller: &Context, nodeid: u64, fh: u64) -> io::Result<Vec<Lis
                 Ok(1)
             },
         )?;
-        if added == 0 {
+        // Done at the end, and where a file system's offsets would make
+        // this loop read the same batch again.
+        if added == 0 || offset == before || listing.len() >= MAX_LISTED {
+            if listing.len() >= MAX_LISTED {
+                tracing::warn!("virtio-fs: a directory listing stops at {MAX_LISTED} names");
+            }
             return Ok(listing);
         }
     }
