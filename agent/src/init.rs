@@ -238,12 +238,18 @@ fn bring_up_loopback() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Ends the VM: every other process is killed, file systems are synced and
-/// the guest resets (the VMM exits on the reset). Never returns.
-pub fn reset_vm() -> ! {
+/// Kills every process but PID 1 and writes every file system's dirty data
+/// back (through virtio-fs, to the host's files).
+pub fn quiesce() {
     // SAFETY: kill(-1) signals every process but ourselves; no memory involved.
     unsafe { libc::kill(-1, libc::SIGKILL) };
     nix::unistd::sync();
+}
+
+/// Ends the VM: every other process is killed, file systems are synced and
+/// the guest resets (the VMM exits on the reset). Never returns.
+pub fn reset_vm() -> ! {
+    quiesce();
     let error = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     // Only reached when reboot failed; PID 1 must not exit (that panics the kernel).
     tracing::error!("reboot failed: {error:?}");

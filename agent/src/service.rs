@@ -397,6 +397,12 @@ impl AgentService for Agent {
         _req: ShutdownRequest,
     ) -> ttrpc::Result<ShutdownResponse> {
         let is_init = self.is_init;
+        if is_init {
+            // The host kills the VMM as soon as it has the reply: every
+            // process ends and dirty data (of files still mapped; closed
+            // files were written back at their close) reaches the host first.
+            crate::init::quiesce();
+        }
         // Answer first; end a moment later.
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));

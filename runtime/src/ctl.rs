@@ -350,13 +350,14 @@ impl Ctl {
     }
 
     /// Removes what is left and ends the agent (and with it the VM).
-    pub fn shutdown(self) {
+    /// Returns whether the agent answered (see [`crate::sandbox::Sandbox::guest_quiesced`]).
+    pub fn shutdown(self) -> bool {
         let _ = self.client.destroy_sandbox(
             protocols::quick_call(10),
             &agent::DestroySandboxRequest::default(),
         );
-        let _ = self
-            .client
-            .shutdown(protocols::quick_call(2), &agent::ShutdownRequest::default());
+        self.client
+            .shutdown(protocols::quick_call(2), &agent::ShutdownRequest::default())
+            .is_ok()
     }
 }

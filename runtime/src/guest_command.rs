@@ -147,7 +147,12 @@ pub fn run_with_network(
         }
         None => None,
     };
-    let result = run_connected(stream, launch, network, stuck_guest);
+    let result = run_connected(stream, launch, network, stuck_guest).map(|finished| {
+        if finished.guest_quiesced {
+            sandbox.guest_quiesced();
+        }
+        finished.outcome
+    });
     done.store(true, Ordering::SeqCst);
     if let Some(why) = stuck.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(GuestStuck(why).into());
@@ -158,7 +163,28 @@ pub fn run_with_network(
 /// Runs `launch` through an agent reached without a VM (an agent serving on
 /// a Unix socket, e.g. for debugging the container engine on a host).
 pub fn run_on_agent(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
-    run_connected(stream, launch, None, None)
+    run_connected(stream, launch, None, None).map(|finished| finished.outcome)
+}
+
+/// How a run through the agent ended.
+struct Finished {
+    outcome: Outcome,
+    /// The agent answered Shutdown (see [`Sandbox::guest_quiesced`]).
+    guest_quiesced: bool,
+}
+
+impl Finished {
+    /// Asks the agent to end the guest, whose run ended with `outcome`.
+    fn shutting_down(client: &AgentServiceClient, outcome: Outcome) -> Self {
+        let shut_down = client.shutdown(
+            protocols::quick_call(10),
+            &agent::ShutdownRequest::default(),
+        );
+        Finished {
+            outcome,
+            guest_quiesced: shut_down.is_ok(),
+        }
+    }
 }
 
 /// A start failure as the shell would report it, or an error.
@@ -190,7 +216,7 @@ fn run_connected(
     launch: &Launch,
     network: Option<&PodNetwork>,
     stuck_guest: Option<StuckGuest>,
-) -> Result<Outcome> {
+) -> Result<Finished> {
     let client = AgentServiceClient::new(
         protocols::client_from_stream(stream)
             .map_err(|e| anyhow::anyhow!("agent connection: {e}"))?,
@@ -219,7 +245,8 @@ fn run_connected(
                 ..Default::default()
             };
             if let Err(e) = client.exec_process(protocols::prompt_call(), &request) {
-                return cannot_run(&e, &format!("starting {argv:?} in the guest"));
+                let outcome = cannot_run(&e, &format!("starting {argv:?} in the guest"))?;
+                return Ok(Finished::shutting_down(&client, outcome));
             }
             Target {
                 container_id: String::new(),
@@ -281,7 +308,7 @@ fn run_connected(
         if let Err(e) = started {
             let outcome = cannot_run(&e, &format!("starting {argv:?}"));
             remove_container(&client, &container.id);
-            return outcome;
+            return Ok(Finished::shutting_down(&client, outcome?));
         }
         tracing::debug!("container {} started", container.id);
     }
@@ -315,11 +342,10 @@ fn run_connected(
         remove_container(&client, &container.id);
     }
     drop(health);
-    let _ = client.shutdown(
-        protocols::quick_call(10),
-        &agent::ShutdownRequest::default(),
-    );
-    Ok(Outcome::Exited(code.min(255) as u8))
+    Ok(Finished::shutting_down(
+        &client,
+        Outcome::Exited(code.min(255) as u8),
+    ))
 }
 
 fn remove_container(client: &AgentServiceClient, id: &str) {

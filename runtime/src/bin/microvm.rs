@@ -525,7 +525,9 @@ fn ctl(args: &[String]) -> Result<u8> {
     let mut ctl = runtime::ctl::Ctl::new(client);
     ctl.create_sandbox(SHARED_FS_TAG)?;
     let result = ctl.run_script(std::io::stdin().lock(), &mut std::io::stdout().lock());
-    ctl.shutdown();
+    if ctl.shutdown() {
+        sandbox.guest_quiesced();
+    }
     sandbox.stop(std::time::Duration::from_secs(5));
     result.map(|()| 0)
 }

@@ -657,11 +657,11 @@ impl Pod {
     /// VMM if needed, removes the pod's state.
     pub fn shut_down(&self) {
         self.health.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if !self.is_dead() {
-            let _ = self
+        let quiesced = !self.is_dead()
+            && self
                 .client
-                .shutdown(protocols::quick_call(2), &agent::ShutdownRequest::default());
-        }
+                .shutdown(protocols::quick_call(2), &agent::ShutdownRequest::default())
+                .is_ok();
         self.dead.store(true, Ordering::SeqCst);
         let _ = self.agent_stream.shutdown(std::net::Shutdown::Both);
         let sandbox = self
@@ -669,7 +669,10 @@ impl Pod {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(sandbox) = sandbox {
+        if let Some(mut sandbox) = sandbox {
+            if quiesced {
+                sandbox.guest_quiesced();
+            }
             sandbox.stop(Duration::from_secs(2));
         }
         self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take();
