@@ -196,7 +196,31 @@ fn cannot_run(e: &ttrpc::Error, what: &str) -> Result<Outcome> {
     if matches!(e, ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::PERMISSION_DENIED) {
         return Ok(Outcome::CannotRun { code: 126, message });
     }
-    Err(anyhow::anyhow!("{what}: {message}"))
+    Err(failed(what, e))
+}
+
+/// The agent answered a request with an error: the guest is alive and the
+/// error says all there is (the caller need not wait to see whether the VM
+/// died).
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {message}")]
+pub struct AgentRefused {
+    what: String,
+    message: String,
+}
+
+/// `what` failed with `e`: an [`AgentRefused`] when the agent answered,
+/// else (no answer, a broken connection) a plain error.
+fn failed(what: &str, e: &ttrpc::Error) -> anyhow::Error {
+    let message = protocols::error_message(e);
+    match e {
+        ttrpc::Error::RpcStatus(_) => AgentRefused {
+            what: what.to_string(),
+            message,
+        }
+        .into(),
+        _ => anyhow::anyhow!("{what}: {message}"),
+    }
 }
 
 /// Gives the guest its network, if there is one to give.
@@ -262,9 +286,7 @@ fn run_connected(
                         ..Default::default()
                     },
                 )
-                .map_err(|e| {
-                    anyhow::anyhow!("preparing the sandbox: {}", protocols::error_message(&e))
-                })?;
+                .map_err(|e| failed("preparing the sandbox", &e))?;
             tracing::debug!("guest sandbox prepared");
             configure_network(&client, network)?;
             let spec_json = serde_json::to_string(&container.spec)?;
@@ -278,9 +300,7 @@ fn run_connected(
                         ..Default::default()
                     },
                 )
-                .map_err(|e| {
-                    anyhow::anyhow!("creating the container: {}", protocols::error_message(&e))
-                })?;
+                .map_err(|e| failed("creating the container", &e))?;
             tracing::debug!("container {} created", container.id);
             Target {
                 container_id: container.id.clone(),

@@ -419,6 +419,8 @@ fn run(mut options: RunOptions) -> Result<u8> {
         // Dropping the sandbox kills the stuck VM; its death would say
         // less than why.
         Err(e) if e.is::<guest_command::GuestStuck>() => return Err(e),
+        // The agent answered: the VM is alive, its error is the story.
+        Err(e) if e.is::<guest_command::AgentRefused>() => return Err(e),
         Err(e) => {
             // The VM's death explains a broken agent connection best.
             match sandbox.death_within(std::time::Duration::from_secs(2)) {
