@@ -250,6 +250,12 @@ pub fn quiesce() {
 /// the guest resets (the VMM exits on the reset). Never returns.
 pub fn reset_vm() -> ! {
     quiesce();
+    reboot()
+}
+
+/// Resets the guest (the VMM exits on the reset), once [`quiesce`]d. Never
+/// returns.
+pub fn reboot() -> ! {
     let error = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     // Only reached when reboot failed; PID 1 must not exit (that panics the kernel).
     tracing::error!("reboot failed: {error:?}");

@@ -407,7 +407,8 @@ impl AgentService for Agent {
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             if is_init {
-                crate::init::reset_vm();
+                // Quiesced above: what is left is the reset.
+                crate::init::reboot();
             } else {
                 std::process::exit(0);
             }
