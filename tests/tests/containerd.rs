@@ -485,6 +485,164 @@ fn cri_pod_with_two_containers(handler: &str) {
     cd.assert_nothing_left();
 }
 
+/// Sizes of stdin the stdin tests send: nothing, one byte, around the
+/// FIFO's 64 KiB, sizes at which the shim used to lose the stream's end
+/// (its last tens of KiB), and over 8 MiB.
+const STDIN_SIZES: [u64; 7] = [
+    0,
+    1,
+    65_536,
+    70_000,
+    200_000,
+    1_000_000,
+    8 * 1024 * 1024 + 13,
+];
+
+/// Checks lines `SIZE WANT GOT` printed by a stdin script: each command
+/// saw exactly the bytes sent (their SHA-256), for every size.
+fn assert_stdin_intact(what: &str, out: &microvm_tests::Output) {
+    let text = out.stdout_text();
+    assert!(
+        out.status.success() && !out.timed_out,
+        "{what}: {:?}{}\n{text}{}",
+        out.status,
+        if out.timed_out { " (timed out)" } else { "" },
+        out.stderr_text()
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), STDIN_SIZES.len(), "{what}: {text}");
+    for (line, size) in lines.iter().zip(STDIN_SIZES) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields.len(), 3, "{what}: {line:?}");
+        assert_eq!(fields[0], size.to_string(), "{what}: {line:?}");
+        assert_eq!(
+            fields[1], fields[2],
+            "{what}: {size} bytes of stdin did not arrive intact (sha256 sent, received)"
+        );
+    }
+}
+
+/// A script that sends random files of every [`STDIN_SIZES`] to `CMD`
+/// (evaluated with `$N`, the size, and `$F`, the file, set) and prints
+/// `SIZE SENT_SHA256 RECEIVED_SHA256` per size; CMD prints the hash of
+/// what it read. With `gate` (a shell condition, evaluated with `$N` set),
+/// the bytes are sent only once it holds.
+fn stdin_script(cmd: &str, gate: Option<&str>) -> String {
+    let sizes: Vec<String> = STDIN_SIZES.iter().map(u64::to_string).collect();
+    let feed = match gate {
+        Some(gate) => format!(
+            "{{ for i in $(seq 1 1200); do {gate} && break; sleep 0.1; done; cat $F; }} | {cmd}"
+        ),
+        None => format!("{cmd} < $F"),
+    };
+    format!(
+        r#"set -e
+for N in {sizes}; do
+    F=$D/stdin-$N
+    head -c $N /dev/urandom > $F
+    want=$(sha256sum < $F | cut -d' ' -f1)
+    got=$({feed} | tr -d '\r' | cut -d' ' -f1)
+    rm -f $F
+    echo $N $want $got
+done"#,
+        sizes = sizes.join(" ")
+    )
+}
+
+/// Every byte of stdin reaches the container's process, whatever its
+/// size, through `ctr run` (the init process) and `ctr task exec`: the
+/// stream's end (containerd's CloseIO) closes the process's stdin only
+/// after the bytes before it were delivered.
+fn ctr_stdin_intact(runtime: &str) {
+    let cd = containerd(runtime);
+    let id = cd.id("stdin");
+    let timeout = Duration::from_secs(600);
+    // ctr sends CloseIO only if its input ends after the task or exec was
+    // created (it sets its stdin closer then), and with an empty input it
+    // never opens the FIFO at all: fed at once, a small input would leave
+    // runc's shim, which holds the FIFO open until CloseIO, waiting
+    // forever. So each command gets its input once it runs.
+    let run = cd
+        .sh(
+            &stdin_script(
+                &format!("$CTR run --rm --runtime {runtime} $IMAGE {id}-$N sha256sum"),
+                Some(&format!(
+                    "$CTR task ls | grep -q '^{id}-'$N'  *[0-9]*  *RUNNING'"
+                )),
+            ),
+            b"",
+            timeout,
+        )
+        .unwrap();
+    assert_stdin_intact(&format!("ctr run ({runtime})"), &run);
+
+    run_sleeper(&cd, runtime, &id);
+    let exec = cd
+        .sh(
+            &stdin_script(
+                &format!("$CTR task exec --exec-id in-$N {id} sha256sum"),
+                // The sleeper, ps's header and the exec.
+                Some(&format!("[ $($CTR task ps {id} | wc -l) -ge 3 ]")),
+            ),
+            b"",
+            timeout,
+        )
+        .unwrap();
+    assert_stdin_intact(&format!("ctr task exec ({runtime})"), &exec);
+    cd.ctr_ok(&["task", "kill", "-s", "SIGKILL", &id]).unwrap();
+    wait_task_ended(&cd, &id);
+    cd.ctr_ok(&["task", "rm", &id]).unwrap();
+    cd.ctr_ok(&["container", "rm", &id]).unwrap();
+    cd.assert_nothing_left();
+}
+
+/// Every byte of stdin reaches a CRI exec's process (`kubectl exec -i`'s
+/// path: CRI Exec, the streaming server, stdin half-closed at its end),
+/// whatever its size.
+fn cri_exec_stdin_intact(handler: &str) {
+    let cd = containerd(handler);
+    let pod = cd.pod("stdin", handler);
+    let pod_id = cd.run_pod(&pod).unwrap();
+    let sleeper = cd
+        .create_container(&pod_id, &pod, "sleeper", &[], &["sleep", "100000"])
+        .unwrap();
+    cd.cri(&["start", &sleeper]).unwrap();
+    let exec = cd
+        .sh(
+            &stdin_script(
+                &format!("$CRI --timeout 600 exec --stdin - {sleeper} -- sha256sum"),
+                None,
+            ),
+            b"",
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    assert_stdin_intact(&format!("CRI exec ({handler})"), &exec);
+    cd.cri(&["stopp", &pod_id]).unwrap();
+    cd.cri(&["rmp", &pod_id]).unwrap();
+    cd.assert_nothing_left();
+}
+
+#[test]
+fn cri_exec_stdin_arrives_whole_runc() {
+    cri_exec_stdin_intact(RUNC_HANDLER);
+}
+
+#[test]
+fn cri_exec_stdin_arrives_whole_kata() {
+    cri_exec_stdin_intact(KATA_HANDLER);
+}
+
+#[test]
+fn ctr_stdin_arrives_whole_runc() {
+    ctr_stdin_intact(RUNC_RUNTIME);
+}
+
+#[test]
+fn ctr_stdin_arrives_whole_kata() {
+    ctr_stdin_intact(KATA_RUNTIME);
+}
+
 #[test]
 fn ctr_run_passes_output_and_exit_code_runc() {
     ctr_run_exit_code(RUNC_RUNTIME);

@@ -311,23 +311,26 @@ impl Pod {
             if id == self.id {
                 *self.sandbox_pid.lock().unwrap_or_else(|p| p.into_inner()) = Some(created.pid);
             }
-            match io::start_output(&self.client, id, id, &stdio) {
-                Ok(output) => Ok(output),
+            let stdin = io::Stdin::open(&stdio.stdin);
+            match stdin
+                .and_then(|stdin| Ok((stdin, io::start_output(&self.client, id, id, &stdio)?)))
+            {
+                Ok(io) => Ok(io),
                 Err(e) => {
                     self.remove_in_guest(id);
                     Err(PodError::InvalidArgument(e.to_string()))
                 }
             }
         })();
-        let init_output = match created {
-            Ok(output) => output,
+        let (stdin, init_output) = match created {
+            Ok(io) => io,
             Err(e) => {
                 mounts::unmount_and_remove(&share);
                 return Err(e);
             }
         };
-        io::start_input(&self.client, id, id, &stdio.stdin);
-        let init = Arc::new(Process::new(id, "", stdio.clone()));
+        stdin.start(&self.client, id, id);
+        let init = Arc::new(Process::new(id, "", stdio.clone(), stdin));
         self.containers().insert(
             id.to_string(),
             Container {
@@ -405,7 +408,7 @@ impl Pod {
             .map_err(agent_error("starting the exec"))?;
         let output = io::start_output(&self.client, id, exec_id, &process.stdio)
             .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
-        io::start_input(&self.client, id, exec_id, &process.stdio.stdin);
+        process.stdin.start(&self.client, id, exec_id);
         process.set_running(self.vmm_pid);
         self.events.publish(
             topics::TASK_EXEC_STARTED_EVENT_TOPIC,
@@ -434,9 +437,12 @@ impl Pod {
                     "exec {exec_id} of {id} exists"
                 )));
             }
+            // Opened now: containerd may send CloseIO before Start.
+            let stdin = io::Stdin::open(&stdio.stdin)
+                .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
             c.execs.insert(
                 exec_id.to_string(),
-                Arc::new(Process::new(id, exec_id, stdio)),
+                Arc::new(Process::new(id, exec_id, stdio, stdin)),
             );
             c.pending_execs.insert(exec_id.to_string(), process_json);
             Ok(())
@@ -544,7 +550,7 @@ impl Pod {
                 let exit = delete_exit(&process)?;
                 c.execs.remove(exec_id);
                 c.pending_execs.remove(exec_id);
-                io::release_input(&process.stdio.stdin);
+                process.stdin.stop();
                 Ok((self.vmm_pid, exit))
             });
         }
@@ -560,7 +566,7 @@ impl Pod {
             self.remove_in_guest(id);
         }
         for process in std::iter::once(&container.init).chain(container.execs.values()) {
-            io::release_input(&process.stdio.stdin);
+            process.stdin.stop();
         }
         mounts::unmount_and_remove(&container.share);
         let exit = container.init.exit().expect("checked by delete_exit");

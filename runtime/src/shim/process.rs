@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use containerd_shim_protos::types::task::Status;
 
-use super::io::StdioPaths;
+use super::io::{Stdin, StdioPaths};
 
 /// Exit status reported for processes of a VM that died under them.
 pub const VM_DIED_EXIT: u32 = 255;
@@ -31,16 +31,19 @@ pub struct Process {
     pub container_id: String,
     pub exec_id: String,
     pub stdio: StdioPaths,
+    /// Its stdin from containerd (closed by CloseIO).
+    pub stdin: Stdin,
     state: Mutex<State>,
     changed: Condvar,
 }
 
 impl Process {
-    pub fn new(container_id: &str, exec_id: &str, stdio: StdioPaths) -> Self {
+    pub fn new(container_id: &str, exec_id: &str, stdio: StdioPaths, stdin: Stdin) -> Self {
         Self {
             container_id: container_id.to_string(),
             exec_id: exec_id.to_string(),
             stdio,
+            stdin,
             state: Mutex::new(State {
                 status: Status::CREATED,
                 exit: None,
@@ -136,7 +139,12 @@ mod tests {
 
     #[test]
     fn the_first_exit_wins_and_wakes_waiters() {
-        let process = std::sync::Arc::new(Process::new("c", "", StdioPaths::default()));
+        let process = std::sync::Arc::new(Process::new(
+            "c",
+            "",
+            StdioPaths::default(),
+            Stdin::default(),
+        ));
         let waiter = {
             let process = process.clone();
             std::thread::spawn(move || process.wait().status)

@@ -454,13 +454,9 @@ impl Task for TaskService {
 
     fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<Empty> {
         if req.stdin {
-            let pod = self.pod()?;
-            let exec_id = if req.exec_id.is_empty() {
-                &req.id
-            } else {
-                &req.exec_id
-            };
-            super::io::close_stdin(pod.agent(), &req.id, exec_id);
+            // The process's stdin closes in the guest once the copy has
+            // delivered everything containerd wrote before this call.
+            self.pod()?.process(&req.id, &req.exec_id)?.stdin.close();
         }
         Ok(Empty::new())
     }

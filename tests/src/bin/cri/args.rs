@@ -16,6 +16,10 @@ const SWITCHES: &[&str] = &[
     "help",
 ];
 
+/// Switches that take a value after one command: (command, option), as in
+/// `exec --stdin FILE`. The command is the first positional word.
+const VALUE_AFTER: &[(&str, &str)] = &[("exec", "stdin")];
+
 /// One subcommand's arguments, consumed by its handler; whatever it leaves
 /// unread is an error ([`Args::finish`]).
 #[derive(Debug, Default)]
@@ -43,7 +47,9 @@ impl Args {
             };
             let (name, value) = match option.split_once('=') {
                 Some((name, value)) => (name.to_string(), value.to_string()),
-                None if SWITCHES.contains(&option) => (option.to_string(), String::new()),
+                None if SWITCHES.contains(&option) && !args.takes_value(option) => {
+                    (option.to_string(), String::new())
+                }
                 None => {
                     let value = words
                         .next()
@@ -54,6 +60,13 @@ impl Args {
             args.options.entry(name).or_default().push(value);
         }
         Ok(args)
+    }
+
+    /// Whether `--option`, a switch elsewhere, takes a value after the
+    /// command read so far ([`VALUE_AFTER`]).
+    fn takes_value(&self, option: &str) -> bool {
+        let command = self.positional.first().map(String::as_str);
+        VALUE_AFTER.contains(&(command.unwrap_or_default(), option))
     }
 
     /// The last value of `--name`, if given.
@@ -137,6 +150,20 @@ mod tests {
         assert!(!args.switch("stdin"));
         assert_eq!(args.command, words("sh -c x"));
         args.finish().unwrap();
+    }
+
+    #[test]
+    fn stdin_takes_a_value_after_exec_only() {
+        let mut args = Args::parse(&words("exec --tty --stdin in c1 -- cat")).unwrap();
+        assert_eq!(args.positional("command").unwrap(), "exec");
+        assert!(args.switch("tty"));
+        assert_eq!(args.value("stdin").as_deref(), Some("in"));
+        assert_eq!(args.positional("id").unwrap(), "c1");
+        args.finish().unwrap();
+        let mut args = Args::parse(&words("create pod --stdin --name n")).unwrap();
+        assert!(args.switch("stdin"));
+        assert_eq!(args.value("name").as_deref(), Some("n"));
+        assert!(Args::parse(&words("exec c1 --stdin")).is_err());
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! `cri`: a CRI client for the containerd tests, like crictl but printing
 //! every answer as one JSON document on stdout (enum states by name, byte
-//! strings as text), so tests can parse it. See [`USAGE`].
+//! strings as text), so tests can parse it; except `exec`, whose stdio is
+//! the command's (see `exec.rs`). See [`USAGE`].
 
 mod args;
 mod config;
+mod exec;
+mod spdy;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -33,6 +36,20 @@ const USAGE: &str = r#"usage: cri [--socket PATH] [--timeout SECS] COMMAND ...
   status [--verbose] ID               ContainerStatus
   wait [--state S] [--for SECS] ID    polls ContainerStatus until S (EXITED)
   exec-sync [--for SECS] ID -- CMD... ExecSync -> {"exit_code","stdout","stderr"}
+  exec [--tty] [--stdin FILE|-] [--verbose] ID -- CMD...
+                                      Exec, streamed (SPDY, like crictl exec
+                                      -i): CMD's stdout and stderr are cri's,
+                                      byte for byte (no JSON); FILE (- for
+                                      cri's stdin) is CMD's stdin, which then
+                                      ends (EOF); cri exits with CMD's exit
+                                      status, 125 when cri itself fails, 126
+                                      when the exec fails without a status;
+                                      --verbose: a JSON summary on stderr;
+                                      --timeout bounds the whole session.
+                                      containerd 1.6 may never finish an
+                                      exec whose CMD leaves stdin unread
+                                      (then --timeout: 125); with --tty, the
+                                      end of stdin ends CMD's output there
   stats ID                            ContainerStats
   stopp | rmp POD                     StopPodSandbox / RemovePodSandbox
   pods | ps [--pod POD] | images      listings -> {"items": [...]}
@@ -52,12 +69,22 @@ CONTAINER_OPTIONS: --name N --image I [--arg A]... [--env K=V]... [--workdir D]
 
 The socket defaults to $CONTAINERD_ADDRESS, else /run/containerd/containerd.sock.
 Every answer carries elapsed_ms, the time the command's calls took. Errors go
-to stderr with exit status 1."#;
+to stderr with exit status 1 (exec: 125)."#;
+
+/// How a command ends: a JSON answer, or (exec) an exit status.
+enum Done {
+    Answer(Value),
+    Exit(i32),
+}
 
 fn main() {
     let words: Vec<String> = std::env::args().skip(1).collect();
     match run(&words) {
-        Ok(answer) => println!("{answer}"),
+        Ok(Done::Answer(answer)) => println!("{answer}"),
+        Ok(Done::Exit(code)) => {
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            std::process::exit(code);
+        }
         Err(e) => {
             eprintln!("cri: {e:#}");
             std::process::exit(1);
@@ -65,7 +92,7 @@ fn main() {
     }
 }
 
-fn run(words: &[String]) -> Result<Value> {
+fn run(words: &[String]) -> Result<Done> {
     let mut args = Args::parse(words)?;
     if args.switch("help") || words.first().map(String::as_str) == Some("help") {
         println!("{USAGE}");
@@ -80,6 +107,9 @@ fn run(words: &[String]) -> Result<Value> {
     let name = args
         .positional("a command")
         .map_err(|e| anyhow!("{e}\n{USAGE}"))?;
+    if name == "exec" {
+        return Ok(Done::Exit(exec::main(&socket, timeout, args)));
+    }
     let command = Command::parse(&name, args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -100,7 +130,7 @@ fn run(words: &[String]) -> Result<Value> {
         if let Value::Object(fields) = &mut answer {
             fields.entry("elapsed_ms").or_insert(json!(millis(started)));
         }
-        Ok(answer)
+        Ok(Done::Answer(answer))
     })
 }
 
