@@ -6,6 +6,7 @@
 //! - [`container`]: OCI containers (create, start, exec, cgroups, ...);
 //! - [`init`]: what PID 1 sets up (mounts, hostname) and how it ends the VM;
 //! - [`network`]: the guest NIC's name, addresses, routes and neighbours (netlink);
+//! - [`oom`]: which processes the guest kernel's OOM killer ended (its log);
 //! - [`process`]: processes the agent started, their pipes and exit status;
 //! - [`reaper`]: the SIGCHLD thread that collects every child's status;
 //! - [`service`]: the ttrpc service mapping requests onto the above.
@@ -13,6 +14,7 @@
 pub mod container;
 pub mod init;
 pub mod network;
+pub mod oom;
 pub mod process;
 pub mod reaper;
 pub mod service;

@@ -87,6 +87,8 @@ pub struct Process {
     /// Empty for guest-level processes.
     pub container_id: String,
     pub pid: i32,
+    /// When it was started, on the kernel log's clock (see [`crate::oom`]).
+    pub started_usec: u64,
     stdin: Mutex<Option<File>>,
     stdout: Mutex<Option<File>>,
     stderr: Mutex<Option<File>>,
@@ -129,6 +131,7 @@ impl Process {
             exec_id: exec_id.to_string(),
             container_id: String::new(),
             pid,
+            started_usec: crate::oom::now_usec(),
             stdin: Mutex::new(stdio.stdin),
             stdout: Mutex::new(stdio.stdout),
             stderr: Mutex::new(stdio.stderr),

@@ -174,14 +174,18 @@ impl AgentService for Agent {
             Exit::Code(code) => (code, 0),
             Exit::Signal(signal) => (0, signal as u32),
         };
-        let is_init = !req.container_id.is_empty()
-            && (req.exec_id.is_empty() || req.exec_id == req.container_id);
-        Ok(WaitProcessResponse {
+        let mut response = WaitProcessResponse {
             status,
             signal,
-            oom_killed: is_init && self.containers.oom_killed(&req.container_id),
             ..Default::default()
-        })
+        };
+        if !req.container_id.is_empty() {
+            let oom = self.containers.oom_report(&req.container_id, &process);
+            response.oom_killed = oom.process_killed;
+            response.oom_kills = oom.kills;
+            response.oom_victims = oom.victims;
+        }
+        Ok(response)
     }
 
     fn create_sandbox(

@@ -350,14 +350,14 @@ fn run_connected(
         pump.join()
             .map_err(|_| anyhow::anyhow!("output pump panicked"))??;
     }
-    if wait.oom_killed {
-        eprintln!("microvm: {argv:?} was killed: out of memory (the container's memory limit)");
-    }
     let code = if wait.signal != 0 {
         128 + wait.signal
     } else {
         wait.status as u32
     };
+    if let Some(report) = oom_report(&argv, &wait, code) {
+        eprintln!("microvm: {report}");
+    }
     if let Launch::Container(container) = launch {
         remove_container(&client, &container.id);
     }
@@ -365,6 +365,27 @@ fn run_connected(
     Ok(Finished::shutting_down(
         &client,
         Outcome::Exited(code.min(255) as u8),
+    ))
+}
+
+/// What the OOM killer did in the container, said as it happened: the
+/// command itself killed, or others of the container's processes killed
+/// while the command went on to exit `code`. None when it did nothing.
+fn oom_report(argv: &[String], wait: &agent::WaitProcessResponse, code: u32) -> Option<String> {
+    if wait.oom_killed {
+        return Some(format!(
+            "{argv:?} was killed by the OOM killer: the container ran out of memory"
+        ));
+    }
+    let victims = match (wait.oom_kills, wait.oom_victims.is_empty()) {
+        (0, _) => return None,
+        (_, false) => wait.oom_victims.join(", "),
+        (1, true) => "a process".to_string(),
+        (n, true) => format!("{n} processes"),
+    };
+    Some(format!(
+        "the container ran out of memory: the OOM killer ended {victims}; \
+         {argv:?} went on and exited with status {code}"
     ))
 }
 

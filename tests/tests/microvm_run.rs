@@ -101,6 +101,37 @@ fn death_by_signal_is_128_plus_the_signal() {
     );
 }
 
+/// A child of the command killed by the OOM killer is reported as such,
+/// naming it, while the command itself goes on and its exit status passes
+/// through: nothing claims the command died.
+#[test]
+fn an_oom_kill_of_a_child_is_not_reported_as_the_commands_death() {
+    let out = run(
+        &["--memory", "128"],
+        &[
+            "sh",
+            "-c",
+            "head -c 400m /dev/zero | tail > /dev/null; echo survived $?",
+        ],
+        b"",
+    );
+    let stderr = out.stderr_text();
+    assert_eq!(
+        (out.status, out.stdout_text().as_str()),
+        (ExitStatus::Code(0), "survived 137\n"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the OOM killer ended tail (pid "),
+        "the victim is not named: {stderr}"
+    );
+    assert!(
+        stderr.contains("went on and exited with status 0"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("was killed"), "{stderr}");
+}
+
 #[test]
 fn a_missing_command_exits_127_with_a_message() {
     let out = run(&[], &["/no/such/program"], b"");

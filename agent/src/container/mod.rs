@@ -132,6 +132,17 @@ impl Container {
 }
 
 /// Every container of the sandbox.
+/// What the OOM killer did in a container (see [`Containers::oom_report`]).
+#[derive(Debug, Default)]
+pub struct OomReport {
+    /// The process asked about was a victim.
+    pub process_killed: bool,
+    /// OOM kills its cgroup counted.
+    pub kills: u64,
+    /// The victims the guest kernel named (`COMM (pid N)`).
+    pub victims: Vec<String>,
+}
+
 pub struct Containers {
     processes: Arc<ProcessTable>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
@@ -495,11 +506,39 @@ impl Containers {
         Ok(())
     }
 
-    /// Whether the container's cgroup saw an OOM kill.
-    pub fn oom_killed(&self, id: &str) -> bool {
-        self.get(id)
-            .map(|c| c.cgroup.oom_kills() > 0)
-            .unwrap_or(false)
+    /// What the OOM killer did in container `id` so far, and whether
+    /// `process` (of that container, ended) was its victim.
+    pub fn oom_report(&self, id: &str, process: &Proc) -> OomReport {
+        let Ok(container) = self.get(id) else {
+            return OomReport::default();
+        };
+        let kills = container.cgroup.oom_kills();
+        if kills == 0 {
+            return OomReport::default();
+        }
+        let logged = crate::oom::kills();
+        let is_victim = |kill: &crate::oom::OomKill| {
+            kill.pid == process.pid as u32 && kill.at_usec + 100_000 >= process.started_usec
+        };
+        let killed_by_signal_9 = matches!(process.exit(), Some(Exit::Signal(libc::SIGKILL)));
+        let process_killed =
+            killed_by_signal_9 && (logged.iter().any(is_victim) || logged.is_empty());
+        let root = Path::new(cgroup::ROOT);
+        let victims = logged
+            .iter()
+            .filter(|kill| {
+                is_victim(kill)
+                    || kill.memcg.as_deref().is_some_and(|memcg| {
+                        crate::oom::in_cgroup(memcg, root, container.cgroup.path())
+                    })
+            })
+            .map(ToString::to_string)
+            .collect();
+        OomReport {
+            process_killed,
+            kills,
+            victims,
+        }
     }
 
     pub fn pids(&self, id: &str) -> Result<Vec<u32>, ContainerError> {

@@ -477,9 +477,13 @@ impl Pod {
                     ..Default::default()
                 },
             );
+            // containerd's TaskOOM is the container's: any OOM kill in
+            // its cgroup (as runc's shim reports memory.events), published
+            // once, with its init's exit.
+            let is_init = process.exec_id.is_empty();
             let (status, oom) = match waited {
-                Ok(w) if w.signal != 0 => (128 + w.signal, w.oom_killed),
-                Ok(w) => (w.status as u32, w.oom_killed),
+                Ok(w) if w.signal != 0 => (128 + w.signal, is_init && w.oom_kills > 0),
+                Ok(w) => (w.status as u32, is_init && w.oom_kills > 0),
                 Err(_) => (VM_DIED_EXIT, false),
             };
             drain(output, Duration::from_secs(2));
