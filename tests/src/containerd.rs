@@ -92,6 +92,13 @@ pub struct Options {
     pub debug: bool,
     /// The kata runtime's option `ConfigPath`: our shim's configuration.
     pub kata_config: Option<String>,
+    /// A configuration file's text to run containerd with instead of
+    /// [`config_toml`]'s (a user's, say Debian's stock file edited by
+    /// `microvm install`): only what keeps the instance private is added
+    /// (`root`, `state`, and the `grpc`/`ttrpc` sockets, which the text
+    /// must not set). [`Options::debug`] and [`Options::kata_config`] do not
+    /// apply.
+    pub config: Option<String>,
     /// How long containerd may take to answer after its start, and to stop.
     pub wait: Duration,
     /// Pod networking: containerd runs in a network namespace made for it
@@ -110,6 +117,7 @@ impl Options {
             env: Vec::new(),
             debug: false,
             kata_config: None,
+            config: None,
             wait: Duration::from_secs(120),
             network: false,
         }
@@ -180,7 +188,10 @@ impl<'h> Containerd<'h> {
             sandboxes: Vec::new(),
             pod_netns: Mutex::new(Vec::new()),
         };
-        let config = config_toml(&cd.dir, cd.options.debug, cd.options.kata_config.as_deref());
+        let config = match &cd.options.config {
+            Some(text) => config::private(&cd.dir, text),
+            None => config_toml(&cd.dir, cd.options.debug, cd.options.kata_config.as_deref()),
+        };
         let mut vars = cd.vars();
         vars.extend([
             (

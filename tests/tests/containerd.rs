@@ -741,15 +741,57 @@ fn run_ok(argv: &[&str]) {
     );
 }
 
-/// `microvm install` into a directory: containerd, given the stanza's
-/// `ConfigPath` option and the installed shim, runs a kata pod with the
-/// installed kernel, initramfs and VMM and the configuration's memory.
+/// Debian's own `/etc/containerd/config.toml`, checked unmodified against
+/// the package's conffile hash (it declares no runtimes).
+fn debian_containerd_config() -> String {
+    let out = host()
+        .run(
+            &[
+                "sh",
+                "-c",
+                "set -e; want=$(dpkg-query -W -f='${Conffiles}' containerd | \
+                 awk '$1 == \"/etc/containerd/config.toml\" { print $2 }'); \
+                 got=$(md5sum < /etc/containerd/config.toml | cut -d' ' -f1); \
+                 [ -n \"$want\" ] && [ \"$want\" = \"$got\" ] || \
+                 { echo \"/etc/containerd/config.toml is not Debian's stock file (md5 $got, package $want)\" >&2; exit 1; }; \
+                 cat /etc/containerd/config.toml",
+            ],
+            b"",
+            TIMEOUT,
+        )
+        .unwrap();
+    assert!(out.status.success(), "{}", out.stderr_text());
+    out.stdout_text()
+}
+
+/// `microvm install` into a directory, with `--containerd-config` on a
+/// copy of Debian's stock containerd configuration: the edit keeps runc
+/// (declaring kata would otherwise drop containerd's built-in runtime
+/// table, and CRI would not load), keeps a backup, and a second install
+/// changes nothing. containerd, run with the edited file as it is, loads
+/// CRI and runs a pod with handler runc and one with handler kata, the
+/// latter with the installed shim, kernel, initramfs and VMM and the
+/// installed configuration's memory.
 #[test]
 fn installed_runtime_runs_a_pod_with_its_configuration() {
     let dir = format!("/run/microvm-install-{}", std::process::id());
     let microvm = microvm_tests::workspace_binary("microvm").unwrap();
     let config = format!("{dir}/etc/configuration.toml");
-    run_ok(&[
+    let containerd_config = format!("{dir}/containerd.toml");
+    let stock = debian_containerd_config();
+    assert!(
+        !stock.contains("runtimes"),
+        "Debian's file declares runtimes now: {stock}"
+    );
+    run_ok(&["mkdir", "-p", &dir]);
+    host()
+        .run(
+            &["sh", "-c", &format!("cat > {containerd_config}")],
+            stock.as_bytes(),
+            TIMEOUT,
+        )
+        .unwrap();
+    let install = [
         microvm.to_str().unwrap(),
         "install",
         "--bin-dir",
@@ -759,50 +801,102 @@ fn installed_runtime_runs_a_pod_with_its_configuration() {
         "--config",
         &config,
         "--containerd-config",
-        &format!("{dir}/containerd.toml"),
-    ]);
+        &containerd_config,
+    ];
+    let first = host().run(&install, b"", TIMEOUT).unwrap();
+    assert!(first.status.success(), "{}", first.stderr_text());
+    assert!(
+        first
+            .stdout_text()
+            .contains("added runtime kata and containerd's default runtime runc"),
+        "{}",
+        first.stdout_text()
+    );
+    let edited = cd_read(&containerd_config);
+    assert_eq!(cd_read(&format!("{containerd_config}.microvm.bak")), stock);
+    let second = host().run(&install, b"", TIMEOUT).unwrap();
+    assert!(second.status.success(), "{}", second.stderr_text());
+    assert!(
+        second
+            .stdout_text()
+            .contains("has runtime kata already: not changed"),
+        "{}",
+        second.stdout_text()
+    );
+    assert_eq!(
+        cd_read(&containerd_config),
+        edited,
+        "a second install changed it"
+    );
     run_ok(&[
-                "sh",
-                "-c",
-                &format!(
-                    "set -e; grep -q 'runtime_type = \"io.containerd.kata.v2\"' {dir}/containerd.toml; \
-                     grep -q 'ConfigPath = \"{config}\"' {dir}/containerd.toml; \
-                     sed -i -e 's/^memory_mib = .*/memory_mib = 192/' -e 's/^timeout_secs = .*/timeout_secs = 120/' {config}; \
-                     ls {dir}/bin {dir}/share"
-                ),
-            ]);
+        "sh",
+        "-c",
+        &format!(
+            "set -e; sed -i -e 's/^memory_mib = .*/memory_mib = 192/' -e 's/^timeout_secs = .*/timeout_secs = 120/' {config}; \
+             ls {dir}/bin {dir}/share"
+        ),
+    ]);
 
     let mut options = Options::new(env!("CARGO_BIN_EXE_cri"));
     options.shim_dir = format!("{dir}/bin").into();
-    options.kata_config = Some(config);
+    options.config = Some(edited);
     let cd = Containerd::start_for_test(host(), options);
-    let pod = cd.pod("installed", KATA_HANDLER);
-    let pod_id = cd.run_pod(&pod).unwrap();
-    let sleeper = cd
-        .create_container(&pod_id, &pod, "sleeper", &[], &["sleep", "100000"])
-        .unwrap();
-    cd.cri(&["start", &sleeper]).unwrap();
-    assert_guest_memory(
-        mem_total_kib(&cd, &sleeper),
-        192,
-        "the configuration's memory_mib",
-    );
-    let shims = cd
-        .sh(
-            &format!("ps -eo args | grep -c '^{dir}/bin/containerd-shim-kata-v2' || true"),
-            b"",
-            TIMEOUT,
-        )
-        .unwrap();
+    let plugins = cd.ctr_ok(&["plugins", "ls"]).unwrap();
+    let cri = plugins
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("cri"))
+        .unwrap_or_else(|| panic!("no CRI plugin: {plugins}"));
     assert_eq!(
-        shims.stdout_text().trim(),
-        "1",
-        "the installed shim does not run the pod"
+        cri.split_whitespace().last(),
+        Some("ok"),
+        "CRI did not load: {cri}\n{}",
+        cd.log_tail()
     );
-    cd.cri(&["stopp", &pod_id]).unwrap();
-    cd.cri(&["rmp", &pod_id]).unwrap();
+    for handler in [RUNC_HANDLER, KATA_HANDLER] {
+        let pod = cd.pod(&format!("installed-{handler}"), handler);
+        let pod_id = cd.run_pod(&pod).unwrap();
+        let sleeper = cd
+            .create_container(&pod_id, &pod, "sleeper", &[], &["sleep", "100000"])
+            .unwrap();
+        cd.cri(&["start", &sleeper]).unwrap();
+        if handler == KATA_HANDLER {
+            assert_guest_memory(
+                mem_total_kib(&cd, &sleeper),
+                192,
+                "the configuration's memory_mib",
+            );
+            let shims = cd
+                .sh(
+                    &format!("ps -eo args | grep -c '^{dir}/bin/containerd-shim-kata-v2' || true"),
+                    b"",
+                    TIMEOUT,
+                )
+                .unwrap();
+            assert_eq!(
+                shims.stdout_text().trim(),
+                "1",
+                "the installed shim does not run the pod"
+            );
+        } else {
+            let status = cd.cri(&["status", &sleeper]).unwrap();
+            assert_eq!(
+                text(&status["status"]["state"]),
+                "CONTAINER_RUNNING",
+                "{status}"
+            );
+        }
+        cd.cri(&["stopp", &pod_id]).unwrap();
+        cd.cri(&["rmp", &pod_id]).unwrap();
+    }
     cd.assert_nothing_left();
     host().run(&["rm", "-rf", &dir], b"", TIMEOUT).unwrap();
+}
+
+/// A file's text where VMs run.
+fn cd_read(path: &str) -> String {
+    let out = host().run(&["cat", path], b"", TIMEOUT).unwrap();
+    assert!(out.status.success(), "{path}: {}", out.stderr_text());
+    out.stdout_text()
 }
 
 /// MemTotal of /proc/meminfo in running container `id` (CRI ExecSync).

@@ -536,7 +536,7 @@ fn ctl(args: &[String]) -> Result<u8> {
 
 const INSTALL_USAGE: &str = "usage: microvm install [--bin-dir DIR (/usr/local/bin)] \
 [--share-dir DIR (/usr/share/microvm)] [--config FILE (/etc/microvm/configuration.toml)] \
-[--containerd-config FILE (append the kata runtime to it)]";
+[--containerd-config FILE (add the kata runtime, and runc if missing, to it)]";
 
 /// `microvm install`: binaries on PATH, guest assets, configuration file,
 /// and containerd's runtime stanza (printed, or appended to its config).
@@ -571,14 +571,30 @@ fn install(args: &[String]) -> anyhow::Result<u8> {
     } else {
         println!("wrote {}", paths.config_file.display());
     }
-    match (&paths.containerd_config, report.containerd_updated) {
-        (Some(file), true) => println!(
-            "added runtime kata to {} (restart containerd to use it)",
-            file.display()
-        ),
-        (Some(file), false) => println!("{} has runtime kata already", file.display()),
+    use runtime::install::containerd::Edit;
+    match (&paths.containerd_config, &report.containerd_edit) {
+        (Some(file), Some(Edit::Updated { added_runc, backup })) => {
+            println!(
+                "added runtime kata{} to {} (restart containerd to use it)",
+                if *added_runc {
+                    " and containerd's default runtime runc (declaring a runtime replaces containerd's built-in table)"
+                } else {
+                    ""
+                },
+                file.display()
+            );
+            if let Some(backup) = backup {
+                println!("its previous text is in {}", backup.display());
+            }
+        }
+        (Some(file), _) => println!("{} has runtime kata already: not changed", file.display()),
         (None, _) => println!(
-            "\ncontainerd (version 2 configuration) runs microvm as runtime kata with:\n\n{}",
+            "\ncontainerd runs microvm as runtime kata with these tables in its configuration \
+             (/etc/containerd/config.toml), which must be version 2 (`version = 2`).\n\
+             Declaring any runtime replaces containerd's built-in runtime table, so runc, CRI's \
+             default runtime, is declared too: leave its table out only if the file declares \
+             runc already. Then restart containerd. `microvm install --containerd-config FILE` \
+             does all this.\n\n{}",
             report.stanza
         ),
     }

@@ -81,6 +81,17 @@ disabled_plugins = [
     )
 }
 
+/// `text` (a version 2 configuration without `root`, `state`, `[grpc]` or
+/// `[ttrpc]`) made the configuration of an instance in `dir`: its root,
+/// state and sockets there.
+pub(crate) fn private(dir: &Path, text: &str) -> String {
+    let d = dir.display();
+    format!(
+        "root = \"{d}/root\"\nstate = \"{d}/state\"\n{}\n\n[grpc]\n  address = \"{d}/containerd.sock\"\n\n[ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
+        text.trim_end()
+    )
+}
+
 /// The runc shim's runtime name (`ctr run --runtime`).
 pub const RUNC_RUNTIME: &str = "io.containerd.runc.v2";
 /// Our shim's runtime name: containerd runs `containerd-shim-kata-v2`.

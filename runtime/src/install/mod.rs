@@ -5,8 +5,10 @@
 //! guest assets (kernel, initramfs, default rootfs, found as
 //! [`crate::config`] finds them) into the share directory, writes the
 //! configuration file naming them (unless one exists), and prints the
-//! containerd stanza for runtime `kata`, or appends it to containerd's
-//! configuration when asked to.
+//! containerd stanza for runtime `kata`, or adds it to containerd's
+//! configuration when asked to ([`containerd`]).
+
+pub mod containerd;
 
 use std::fs;
 use std::io;
@@ -14,7 +16,6 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::{self, INITRD_FILE, KERNEL_FILE, ROOTFS_DIR, VMM_BINARY};
-use crate::shim::RUNTIME_ID;
 
 /// The binaries installed, from the directory of the running `microvm`.
 pub const BINARIES: [&str; 3] = ["microvm", VMM_BINARY, "containerd-shim-kata-v2"];
@@ -23,6 +24,8 @@ pub const BINARIES: [&str; 3] = ["microvm", VMM_BINARY, "containerd-shim-kata-v2
 pub enum InstallError {
     #[error(transparent)]
     Asset(#[from] config::AssetMissing),
+    #[error(transparent)]
+    Containerd(#[from] containerd::ContainerdConfigError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -45,8 +48,8 @@ pub struct InstallPaths {
     pub share_dir: PathBuf,
     /// The configuration file written (kept if it exists).
     pub config_file: PathBuf,
-    /// containerd's configuration, to which the stanza is appended (unless
-    /// it has a `kata` runtime already); `None` only prints it.
+    /// containerd's configuration, to which runtime `kata` is added (see
+    /// [`containerd`]); `None` only prints the stanza.
     pub containerd_config: Option<PathBuf>,
 }
 
@@ -67,9 +70,10 @@ pub struct InstallReport {
     pub copied: Vec<PathBuf>,
     /// The configuration file was there already and was kept.
     pub config_kept: bool,
-    /// The stanza went into containerd's configuration (which then needs a
-    /// restart of containerd).
-    pub containerd_updated: bool,
+    /// What was done to containerd's configuration (which then needs a
+    /// restart of containerd), if one was named.
+    pub containerd_edit: Option<containerd::Edit>,
+    /// What containerd's configuration needs: runtimes `runc` and `kata`.
     pub stanza: String,
 }
 
@@ -109,24 +113,9 @@ pub fn install(from_bin: &Path, paths: &InstallPaths) -> Result<InstallReport, I
             .map_err(io_error("writing", &paths.config_file))?;
     }
 
-    report.stanza = containerd_stanza(&paths.config_file);
-    if let Some(containerd) = &paths.containerd_config {
-        let current = match fs::read_to_string(containerd) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => "version = 2\n".into(),
-            Err(e) => return Err(io_error("reading", containerd)(e)),
-        };
-        if !current.contains(r#"runtime_type = "io.containerd.kata.v2""#) {
-            if !current.contains("version = 2") {
-                return Err(InstallError::Invalid(format!(
-                    "{} is not a containerd configuration of version 2; add the stanza by hand",
-                    containerd.display()
-                )));
-            }
-            let text = format!("{}\n{}", current.trim_end(), report.stanza);
-            fs::write(containerd, text).map_err(io_error("writing", containerd))?;
-            report.containerd_updated = true;
-        }
+    report.stanza = containerd::full_stanza(&paths.config_file);
+    if let Some(file) = &paths.containerd_config {
+        report.containerd_edit = Some(containerd::add_kata(file, &paths.config_file)?);
     }
     Ok(report)
 }
@@ -200,29 +189,6 @@ unresponsive_secs = 30
     )
 }
 
-/// The comment that heads `deploy/containerd-kata.toml`.
-pub const CONTAINERD_HEADER: &str = "\
-# containerd 1.6 (configuration version 2): runtime `kata` for CRI (RuntimeClass
-# handler `kata`) and ctr (`ctr run --runtime io.containerd.kata.v2`). Append it
-# to /etc/containerd/config.toml (`microvm install --containerd-config FILE` does)
-# and restart containerd; containerd-shim-kata-v2 must be on containerd's PATH.
-";
-
-/// containerd 1.6's configuration (version 2) for runtime `kata`: CRI's
-/// runtime handler `kata` and `ctr run --runtime io.containerd.kata.v2`.
-pub fn containerd_stanza(config_file: &Path) -> String {
-    format!(
-        r#"[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata]
-  runtime_type = "{RUNTIME_ID}"
-  # Privileged pods get the guest's devices, not the host's.
-  privileged_without_host_devices = true
-[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata.options]
-  ConfigPath = "{}"
-"#,
-        config_file.display()
-    )
-}
-
 fn copy_file(source: &Path, target: &Path) -> Result<(), InstallError> {
     // Write beside and rename: a running binary is replaced, not changed.
     let name = target
@@ -288,7 +254,8 @@ mod tests {
         );
         assert_eq!(file.runtime.log_level.as_deref(), Some("info"));
         assert_eq!(file.agent.unresponsive_secs, Some(30));
-        let stanza: toml::Value = toml::from_str(&containerd_stanza(&paths.config_file)).unwrap();
+        let stanza: toml::Value =
+            toml::from_str(&containerd::full_stanza(&paths.config_file)).unwrap();
         let kata =
             &stanza["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["kata"];
         assert_eq!(kata["runtime_type"].as_str(), Some("io.containerd.kata.v2"));
@@ -310,8 +277,9 @@ mod tests {
             (
                 "containerd-kata.toml",
                 format!(
-                    "{CONTAINERD_HEADER}{}",
-                    containerd_stanza(&paths.config_file)
+                    "{}{}",
+                    containerd::HEADER,
+                    containerd::full_stanza(&paths.config_file)
                 ),
             ),
         ];
