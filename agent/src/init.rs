@@ -6,12 +6,12 @@ use nix::mount::{mount, MsFlags};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("creating mount point {path}: {source}")]
+    #[error("creating mount point {path}")]
     MountPoint {
         path: String,
         source: std::io::Error,
     },
-    #[error("mounting {fstype} on {path}: {source}")]
+    #[error("mounting {fstype} on {path}")]
     Mount {
         fstype: &'static str,
         path: &'static str,

@@ -85,7 +85,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = listen_address(&args, is_init).and_then(|address| serve(&address, is_init));
     if let Err(e) = result {
-        eprintln!("microvm-agent: {e:#}");
+        eprintln!("microvm-agent: {}", protocols::error_chain(&*e));
         if is_init {
             init::reset_vm();
         }

@@ -28,21 +28,21 @@ pub enum ProcessError {
     NotFound { program: String },
     #[error("{program}: permission denied")]
     PermissionDenied { program: String },
-    #[error("starting {program}: {source}")]
+    #[error("starting {program}")]
     Spawn { program: String, source: io::Error },
-    #[error("working directory {cwd}: {source}")]
+    #[error("working directory {cwd}")]
     Cwd { cwd: String, source: io::Error },
     #[error("process {0:?} has no terminal")]
     NoTerminal(String),
     #[error("stdin of {0:?} is closed")]
     StdinClosed(String),
-    #[error("{what} of {exec_id:?}: {source}")]
+    #[error("{what} of {exec_id:?}")]
     Io {
         what: &'static str,
         exec_id: String,
         source: io::Error,
     },
-    #[error("signal {signal} to {exec_id:?}: {source}")]
+    #[error("signal {signal} to {exec_id:?}")]
     Signal {
         exec_id: String,
         signal: i32,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use protocols::agent::*;
 use protocols::agent_ttrpc::AgentService;
+use protocols::error_chain;
 use ttrpc::{Code, TtrpcContext};
 
 use crate::container::{ContainerError, Containers};
@@ -46,7 +47,7 @@ fn status(error: ProcessError) -> ttrpc::Error {
         ProcessError::StdinClosed(_) | ProcessError::NoTerminal(_) => Code::FAILED_PRECONDITION,
         ProcessError::Spawn { .. } | ProcessError::Io { .. } => Code::INTERNAL,
     };
-    protocols::status(code, error.to_string())
+    protocols::status(code, error_chain(&error))
 }
 
 fn container_status(error: ContainerError) -> ttrpc::Error {
@@ -64,7 +65,7 @@ fn container_status(error: ContainerError) -> ttrpc::Error {
         ContainerError::ExecDenied(_) => Code::PERMISSION_DENIED,
         ContainerError::Setup(_) | ContainerError::Cgroup(_) => Code::INTERNAL,
     };
-    protocols::status(code, error.to_string())
+    protocols::status(code, error_chain(&error))
 }
 
 /// A network failure as the status of `rpc`: a bad request is
@@ -83,8 +84,9 @@ fn network_status(rpc: &str, error: NetworkError) -> ttrpc::Error {
         },
         NetworkError::Setup(_) => Code::INTERNAL,
     };
-    tracing::warn!("{rpc}: {error}");
-    protocols::status(code, format!("{rpc}: {error}"))
+    let message = format!("{rpc}: {}", error_chain(&error));
+    tracing::warn!("{message}");
+    protocols::status(code, message)
 }
 
 impl AgentService for Agent {
@@ -203,7 +205,7 @@ impl AgentService for Agent {
         }
         if !req.shared_fs_tag.is_empty() {
             let path = crate::init::mount_shared_fs(&req.shared_fs_tag)
-                .map_err(|e| protocols::status(Code::INTERNAL, e.to_string()))?;
+                .map_err(|e| protocols::status(Code::INTERNAL, error_chain(&e)))?;
             *self.share.lock().unwrap_or_else(|p| p.into_inner()) = Some(path);
         }
         Ok(CreateSandboxResponse::default())
@@ -445,5 +447,41 @@ impl Agent {
             data: process.read(stream, max).map_err(status)?,
             ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENOENT: &str = "No such file or directory (os error 2)";
+
+    fn message(error: ttrpc::Error) -> String {
+        protocols::error_message(&error)
+    }
+
+    /// The runtime sees only the status message: it carries the cause,
+    /// once, though the error's own message leaves it to its source.
+    #[test]
+    fn statuses_carry_the_cause_once() {
+        let cwd = || ProcessError::Cwd {
+            cwd: "/nonexistent".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        assert_eq!(cwd().to_string(), "working directory /nonexistent");
+        let expected = format!("working directory /nonexistent: {ENOENT}");
+        assert_eq!(message(status(cwd())), expected);
+        assert_eq!(
+            message(container_status(ContainerError::Process(cwd()))),
+            expected
+        );
+        let netlink = NetworkError::Netlink {
+            what: "adding route 10.0.0.0/8".into(),
+            source: std::io::Error::from_raw_os_error(libc::EEXIST),
+        };
+        assert_eq!(
+            message(network_status("UpdateRoutes", netlink)),
+            "UpdateRoutes: adding route 10.0.0.0/8: File exists (os error 17)"
+        );
     }
 }

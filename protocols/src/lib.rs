@@ -1,6 +1,11 @@
 //! The agent API shared by the agent (server, in the guest) and the runtime
 //! (client, on the host): `proto/agent.proto` and the ttrpc code generated
-//! from it, plus small helpers both sides use.
+//! from it, plus small helpers both sides use; and [`errors`], how every
+//! crate of the workspace renders an error and its causes as one line.
+
+pub mod errors;
+
+pub use errors::{error_chain, repeated_cause};
 
 use std::os::unix::io::IntoRawFd;
 use std::os::unix::net::UnixStream;

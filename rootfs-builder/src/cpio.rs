@@ -30,7 +30,7 @@ pub enum CpioError {
     Duplicate { path: String },
     #[error("{path:?} is a {kind} but must be a directory to hold other entries")]
     NotADirectory { path: String, kind: &'static str },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     ReadSource { path: PathBuf, source: io::Error },
     #[error("{path} changed size while it was archived (expected {expected} bytes, got {actual})")]
     SourceChanged {

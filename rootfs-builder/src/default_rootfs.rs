@@ -17,7 +17,7 @@ use crate::image::{remove_tree, ImageError};
 
 #[derive(Debug, Error)]
 pub enum RootfsError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -25,7 +25,7 @@ pub enum RootfsError {
     },
     #[error("listing busybox applets: {0}")]
     Applets(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Image(#[from] ImageError),
 }
 

@@ -31,7 +31,7 @@ const USAGE: &str = "usage:
 
 Set RUST_LOG=debug for details.";
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -40,13 +40,21 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
+    let result = match args.first().map(String::as_str) {
         Some("initramfs") => initramfs(&args[1..]),
         Some("list") if args.len() == 2 => list(&args[1]),
         Some("unpack") => unpack(&args[1..]),
         Some("image-config") => image_config(&args[1..]),
         Some("busybox-rootfs") => busybox_rootfs(&args[1..]),
-        _ => bail!("{USAGE}"),
+        _ => Err(anyhow::anyhow!("{USAGE}")),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, each cause once (see `protocols::errors`).
+            eprintln!("rootfs-builder: {}", protocols::error_chain(&*e));
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

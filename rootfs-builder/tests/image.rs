@@ -676,10 +676,18 @@ fn not_an_image() {
     std::fs::write(&file, compress(b"not a tar", Compression::Gzip)).unwrap();
     let err = Image::open(&file, None).err().unwrap();
     assert!(err.to_string().contains("gzip"), "{err}");
-    let err = Image::open(&dir.path().join("missing"), None)
-        .err()
-        .unwrap();
+    let missing = dir.path().join("missing");
+    let err = Image::open(&missing, None).err().unwrap();
     assert!(matches!(err, ImageError::Io { .. }), "{err}");
+    // The cause is the error's source only: its chain shows it once.
+    assert_eq!(err.to_string(), missing.display().to_string());
+    assert_eq!(
+        protocols::error_chain(&err),
+        format!(
+            "{}: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("connecting to {path}: {source}")]
+    #[error("connecting to {path}")]
     Socket { path: String, source: io::Error },
     #[error("the guest refused or closed vsock port {port}")]
     Refused { port: u32 },

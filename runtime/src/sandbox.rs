@@ -22,12 +22,12 @@ const VMM_LOG: &str = "vmm.log";
 pub enum SandboxError {
     #[error("{what} {path} does not exist")]
     MissingFile { what: &'static str, path: PathBuf },
-    #[error("creating the sandbox directory {path}: {source}")]
+    #[error("creating the sandbox directory {path}")]
     StateDir {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("starting the VMM {path}: {source}")]
+    #[error("starting the VMM {path}")]
     SpawnVmm {
         path: PathBuf,
         source: std::io::Error,
@@ -38,7 +38,7 @@ pub enum SandboxError {
     AgentTimeout { timeout: Duration, console: String },
     #[error("the VM died ({0})")]
     VmDied(String),
-    #[error("reaching the guest agent: {0}")]
+    #[error("reaching the guest agent")]
     Connect(#[from] ConnectError),
 }
 
@@ -636,5 +636,37 @@ mod tests {
         assert!(arg.starts_with("fd="), "{text:?}");
         assert!(arg.ends_with(",mac=02:00:00:00:ab:cd,mtu=1400"), "{text:?}");
         assert_eq!(target, "/dev/null", "the fd is open in the VMM: {text:?}");
+    }
+
+    /// A VMM that cannot be started is named, with its cause once.
+    #[test]
+    fn a_vmm_that_cannot_start_shows_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not executable, even for root.
+        let asset = dir.path().join("asset");
+        std::fs::write(&asset, b"").unwrap();
+        let mut config = SandboxConfig::with_assets(
+            Some(asset.clone()),
+            Some(asset.clone()),
+            Some(asset.clone()),
+        )
+        .unwrap();
+        config.state_dir = Some(dir.path().join("state"));
+        let Err(err) = Sandbox::start(&config) else {
+            panic!("a VMM without execute permission started");
+        };
+        assert!(matches!(err, SandboxError::SpawnVmm { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!("starting the VMM {}", asset.display())
+        );
+        let text = protocols::error_chain(&err);
+        assert_eq!(
+            text,
+            format!(
+                "starting the VMM {}: Permission denied (os error 13)",
+                asset.display()
+            )
+        );
     }
 }

@@ -20,7 +20,7 @@ pub enum Input {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot reach the test host at {dir}: {source} (is it running? `testhost start`)")]
+    #[error("cannot reach the test host at {dir} (is it running? `testhost start`)")]
     Connect { dir: String, source: io::Error },
     #[error("the test host could not start {argv:?}: {message}")]
     SpawnFailed { argv: Vec<String>, message: String },
@@ -32,7 +32,7 @@ pub enum RunError {
         grace: Duration,
         report: String,
     },
-    #[error("talking to the test host: {0}")]
+    #[error("talking to the test host")]
     Io(#[from] io::Error),
 }
 

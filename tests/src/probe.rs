@@ -29,8 +29,8 @@ pub enum ProbeError {
         "the guest printed {MARKER} but QEMU then ended with {status}. Last console lines:\n{tail}"
     )]
     UncleanExit { status: String, tail: String },
-    #[error("running QEMU: {0:#}")]
-    Run(anyhow::Error),
+    #[error("running QEMU")]
+    Run(#[source] anyhow::Error),
 }
 
 /// The QEMU command line for a proof boot. `quiet`: each console line costs

@@ -82,7 +82,7 @@ const MODULES: &[&str] = &[
 pub enum TestHostError {
     #[error("{0}")]
     Missing(String),
-    #[error("preparing the test host: {context}: {source}")]
+    #[error("preparing the test host: {context}")]
     Io {
         context: String,
         #[source]
@@ -236,7 +236,7 @@ pub fn write_initramfs(
     let mut archive = Archive::new();
     let cpio_err = |e: rootfs_builder::cpio::CpioError| TestHostError::Io {
         context: "building the test-host initramfs".into(),
-        source: io::Error::other(e.to_string()),
+        source: io::Error::other(e),
     };
     archive
         .add_host_file("init", &config.init)

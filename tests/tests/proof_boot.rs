@@ -16,7 +16,7 @@ fn guest_kernel_boots_to_the_probe_init() {
     let kernel = artifact("vmlinux").unwrap();
     let initrd = artifact("probe-initramfs.cpio").unwrap();
     let boot = boot_probe(host(), &kernel, &initrd, "", Duration::from_secs(120))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{}", protocols::error_chain(&e)));
     assert!(boot.guest_boot_ms > 0, "the probe reported no boot time");
 }
 
@@ -60,5 +60,6 @@ fn a_missing_kernel_is_named() {
     let initrd = artifact("probe-initramfs.cpio").unwrap();
     let missing = std::path::Path::new("/nonexistent/vmlinux");
     let err = boot_probe(host(), missing, &initrd, "", Duration::from_secs(60)).unwrap_err();
-    assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
+    let text = protocols::error_chain(&err);
+    assert!(text.contains("/nonexistent/vmlinux"), "{text}");
 }

@@ -20,14 +20,14 @@ use crate::layout::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    #[error("cannot open kernel {path}: {source}")]
+    #[error("cannot open kernel {path}")]
     OpenKernel {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("cannot load kernel {path}: {reason} (expected an uncompressed ELF vmlinux)")]
     LoadKernel { path: PathBuf, reason: String },
-    #[error("cannot read initramfs {path}: {source}")]
+    #[error("cannot read initramfs {path}")]
     ReadInitrd {
         path: PathBuf,
         source: std::io::Error,
@@ -40,7 +40,7 @@ pub enum BootError {
     },
     #[error("bad kernel command line: {0}")]
     Cmdline(String),
-    #[error("writing {what} to guest memory: {source}")]
+    #[error("writing {what} to guest memory")]
     GuestMemory {
         what: &'static str,
         source: vm_memory::GuestMemoryError,
@@ -228,10 +228,16 @@ mod tests {
     #[test]
     fn kernel_errors_name_the_path() {
         let mem = memory(16 << 20);
-        let missing = load_kernel(&mem, Path::new("/nonexistent/vmlinux"))
-            .unwrap_err()
-            .to_string();
-        assert!(missing.contains("/nonexistent/vmlinux"), "{missing}");
+        let missing = load_kernel(&mem, Path::new("/nonexistent/vmlinux")).unwrap_err();
+        // The cause is the error's source only: its chain shows it once.
+        assert_eq!(
+            missing.to_string(),
+            "cannot open kernel /nonexistent/vmlinux"
+        );
+        assert_eq!(
+            protocols::error_chain(&crate::vm::VmError::from(missing)),
+            "cannot open kernel /nonexistent/vmlinux: No such file or directory (os error 2)"
+        );
         let not_elf = std::env::temp_dir().join(format!("not-elf-{}", std::process::id()));
         std::fs::write(&not_elf, b"this is no kernel").unwrap();
         let corrupt = load_kernel(&mem, &not_elf).unwrap_err().to_string();

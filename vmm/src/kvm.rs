@@ -17,7 +17,7 @@ pub enum KvmError {
         "no permission to open {path}: run as root or join the group that owns it (usually 'kvm')"
     )]
     PermissionDenied { path: PathBuf },
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open {
         path: PathBuf,
         source: std::io::Error,

@@ -50,8 +50,18 @@ fn parse(args: &[String]) -> Result<VmConfig> {
         match flag.as_str() {
             "--kernel" => kernel = Some(PathBuf::from(value()?)),
             "--initrd" => config.initrd = Some(PathBuf::from(value()?)),
-            "--cpus" => config.cpus = value()?.parse().context("--cpus takes a number")?,
-            "--memory" => config.memory_mib = value()?.parse().context("--memory takes MiB")?,
+            "--cpus" => {
+                let text = value()?;
+                config.cpus = text
+                    .parse()
+                    .with_context(|| format!("--cpus {text}: give a number"))?;
+            }
+            "--memory" => {
+                let text = value()?;
+                config.memory_mib = text
+                    .parse()
+                    .with_context(|| format!("--memory {text}: give MiB"))?;
+            }
             "--cmdline" => config.extra_cmdline = value()?.clone(),
             "--console" => {
                 config.console = match value()?.as_str() {
@@ -83,7 +93,12 @@ fn parse(args: &[String]) -> Result<VmConfig> {
                     .with_context(|| format!("--net {value}"))?;
                 config.net.push(nic);
             }
-            "--guest-cid" => guest_cid = value()?.parse().context("--guest-cid takes a number")?,
+            "--guest-cid" => {
+                let text = value()?;
+                guest_cid = text
+                    .parse()
+                    .with_context(|| format!("--guest-cid {text}: give a number"))?;
+            }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
@@ -108,7 +123,7 @@ fn main() -> ExitCode {
     let vm = match result {
         Ok(vm) => vm,
         Err(e) => {
-            eprintln!("microvm-vmm: {e:#}");
+            eprintln!("microvm-vmm: {}", protocols::error_chain(&*e));
             return ExitCode::from(1);
         }
     };

@@ -23,7 +23,7 @@ pub const HUGE_PAGE: usize = 2 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("mapping {size} bytes for guest RAM at {guest_base:#x}: {source}")]
+    #[error("mapping {size} bytes for guest RAM at {guest_base:#x}")]
     Map {
         guest_base: u64,
         size: usize,
@@ -31,7 +31,7 @@ pub enum MemoryError {
     },
     #[error("guest RAM at {guest_base:#x}: {reason}")]
     Region { guest_base: u64, reason: String },
-    #[error("KVM refused guest RAM slot {slot} at {guest_base:#x}: {source}")]
+    #[error("KVM refused guest RAM slot {slot} at {guest_base:#x}")]
     Slot {
         slot: u32,
         guest_base: u64,

@@ -84,7 +84,7 @@ pub enum VmError {
     BadCpuCount(u8),
     #[error("{0} MiB of memory requested: give at least 16")]
     BadMemorySize(u32),
-    #[error("setting up {mib} MiB of guest memory: {source}")]
+    #[error("setting up {mib} MiB of guest memory")]
     Memory {
         mib: u32,
         source: crate::memory::MemoryError,
@@ -93,25 +93,25 @@ pub enum VmError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Arch(#[from] ArchError),
-    #[error("KVM refused {what}: {source}")]
+    #[error("KVM refused {what}")]
     KvmSetup {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("setting up {what}: {source}")]
+    #[error("setting up {what}")]
     Device {
         what: &'static str,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    // Not a `source`: the NIC's error is shown once, here.
-    #[error("virtio-net NIC {index}: {error}")]
+    #[error("virtio-net NIC {index}")]
     Net {
         index: usize,
+        #[source]
         error: crate::devices::virtio::net::NetError,
     },
     #[error("tap fd {0} is given to more than one NIC")]
     DuplicateTapFd(i32),
-    #[error("cannot open console file {path}: {source}")]
+    #[error("cannot open console file {path}")]
     ConsoleFile {
         path: PathBuf,
         source: std::io::Error,

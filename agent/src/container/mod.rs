@@ -602,7 +602,7 @@ impl Containers {
         let ids: Vec<String> = lock(&self.containers).keys().cloned().collect();
         for id in ids {
             if let Err(e) = self.remove(&id) {
-                tracing::warn!("removing container {id}: {e}");
+                tracing::warn!("removing container {id}: {}", protocols::error_chain(&e));
             }
         }
     }

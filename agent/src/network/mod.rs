@@ -34,14 +34,14 @@ pub enum NetworkError {
     #[error("{0}")]
     InvalidArgument(String),
     /// The kernel refused a netlink request.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Netlink {
         what: String,
         #[source]
         source: std::io::Error,
     },
     /// The tokio runtime or the netlink socket could not be set up.
-    #[error("opening netlink: {0}")]
+    #[error("opening netlink")]
     Setup(#[source] std::io::Error),
 }
 

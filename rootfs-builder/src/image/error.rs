@@ -10,7 +10,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ImageError {
     /// An I/O error on a named file or directory of ours or of the image.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -56,7 +56,7 @@ pub enum ImageError {
     },
 
     /// Malformed JSON (index, manifest, config, docker manifest.json).
-    #[error("{image}: {what}: invalid JSON: {source}")]
+    #[error("{image}: {what}: invalid JSON")]
     Json {
         image: PathBuf,
         what: String,
@@ -73,7 +73,7 @@ pub enum ImageError {
     TruncatedArchive { image: PathBuf, reason: String },
 
     /// A layer's compressed or tar stream could not be read to its end.
-    #[error("{image}: {layer}: reading the layer stream: {source}")]
+    #[error("{image}: {layer}: reading the layer stream")]
     LayerStream {
         image: PathBuf,
         layer: String,
@@ -91,7 +91,7 @@ pub enum ImageError {
     },
 
     /// A tar entry that could not be written.
-    #[error("{image}: {layer}: entry {entry:?}: {source}")]
+    #[error("{image}: {layer}: entry {entry:?}")]
     EntryIo {
         image: PathBuf,
         layer: String,

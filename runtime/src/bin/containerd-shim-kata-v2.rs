@@ -12,7 +12,7 @@ fn main() {
     let flags = match containerd_shim::parse(args.get(1..).unwrap_or_default()) {
         Ok(flags) => flags,
         Err(e) => {
-            eprintln!("{RUNTIME_ID}: {e}");
+            eprintln!("{RUNTIME_ID}: {}", protocols::error_chain(&e));
             std::process::exit(2);
         }
     };

@@ -89,9 +89,19 @@ impl VmFlags {
             "--kernel" => self.kernel = Some(PathBuf::from(value()?)),
             "--initrd" => self.initrd = Some(PathBuf::from(value()?)),
             "--cpus" => {
-                self.cpus = Some(value()?.parse().context("--cpus takes a number of vCPUs")?)
+                let text = value()?;
+                let cpus = text
+                    .parse()
+                    .with_context(|| format!("--cpus {text}: give a number of vCPUs"))?;
+                self.cpus = Some(cpus);
             }
-            "--memory" => self.memory = Some(value()?.parse().context("--memory takes MiB")?),
+            "--memory" => {
+                let text = value()?;
+                let mib = text
+                    .parse()
+                    .with_context(|| format!("--memory {text}: give the guest's memory in MiB"))?;
+                self.memory = Some(mib);
+            }
             "--console" => self.console = Some(PathBuf::from(value()?)),
             "--kernel-cmdline" => self.extra_cmdline = value()?,
             _ => return Ok(false),
@@ -230,6 +240,11 @@ fn parse_run(args: &[String]) -> Result<Option<RunOptions>> {
     if let Some(rootfs) = &rootfs {
         if !rootfs.is_dir() {
             bail!("--rootfs {}: no such directory", rootfs.display());
+        }
+    }
+    if let Some(bundle) = &bundle {
+        if !bundle.is_dir() {
+            bail!("--bundle {}: no such directory", bundle.display());
         }
     }
     if let Some(share) = &share {
@@ -467,7 +482,7 @@ fn share_resolv_conf(config: &mut SandboxConfig, container: &mut ContainerLaunch
             mounts.push(mount);
             container.spec.set_mounts(Some(mounts));
         }
-        Err(e) => tracing::warn!("not sharing {RESOLV_CONF}: {e}"),
+        Err(e) => tracing::warn!("not sharing {RESOLV_CONF}: {}", protocols::error_chain(&e)),
     }
 }
 
@@ -632,7 +647,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("microvm: {e:#}");
+            // As `{:#}` would, but a cause that an error from outside the
+            // workspace prints in its message too is shown once.
+            eprintln!("microvm: {}", protocols::error_chain(&*e));
             ExitCode::from(1)
         }
     }

@@ -26,7 +26,7 @@ pub enum InstallError {
     Asset(#[from] config::AssetMissing),
     #[error(transparent)]
     Containerd(#[from] containerd::ContainerdConfigError),
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,

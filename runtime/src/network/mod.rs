@@ -33,23 +33,26 @@ use netns::Ns;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    #[error("entering network namespace {netns}: {error}")]
+    #[error("entering network namespace {netns}")]
     EnterNetns {
         netns: String,
+        #[source]
         error: std::io::Error,
     },
-    #[error("network namespace {netns}: {step}{}: {error}", on_link(link))]
+    #[error("network namespace {netns}: {step}{}", on_link(link))]
     Netlink {
         netns: String,
         link: String,
         step: &'static str,
+        #[source]
         error: Box<rtnetlink::Error>,
     },
-    #[error("network namespace {netns}: {step}{}: {error}", on_link(link))]
+    #[error("network namespace {netns}: {step}{}", on_link(link))]
     Io {
         netns: String,
         link: String,
         step: &'static str,
+        #[source]
         error: std::io::Error,
     },
     #[error("network namespace {netns}: the netlink thread panicked")]
@@ -427,7 +430,10 @@ impl PodNetwork {
         );
         match result {
             Ok(()) => tracing::debug!("{}: unwired", self.label),
-            Err(e) => tracing::warn!("tearing the pod network down: {e}"),
+            Err(e) => tracing::warn!(
+                "tearing the pod network down: {}",
+                protocols::error_chain(&e)
+            ),
         }
     }
 }

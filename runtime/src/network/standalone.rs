@@ -162,7 +162,10 @@ impl Drop for HostLink {
 fn delete_host_link(name: &str) {
     let name = name.to_string();
     if let Err(e) = netns::run_here(|ns| async move { delete_link(&ns, &name).await }) {
-        tracing::warn!("deleting the VM's host link: {e}");
+        tracing::warn!(
+            "deleting the VM's host link: {}",
+            protocols::error_chain(&e)
+        );
     }
 }
 

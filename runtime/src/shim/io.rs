@@ -31,7 +31,7 @@ pub struct StdioPaths {
 pub enum IoError {
     #[error("stdio {0:?}: only FIFOs, files and file:// URIs are supported")]
     Unsupported(String),
-    #[error("opening stdio {path}: {source}")]
+    #[error("opening stdio {path}")]
     Open {
         path: String,
         source: std::io::Error,

@@ -11,17 +11,19 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("mounting {what} ({kind} {source_path}) on {target}: {error}")]
+    #[error("mounting {what} ({kind} {source_path}) on {target}")]
     Mount {
         what: String,
         kind: String,
         source_path: String,
         target: PathBuf,
+        #[source]
         error: nix::Error,
     },
-    #[error("preparing {path}: {error}")]
+    #[error("preparing {path}")]
     Prepare {
         path: PathBuf,
+        #[source]
         error: std::io::Error,
     },
     #[error("bind source {0} does not exist on the host")]

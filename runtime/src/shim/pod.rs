@@ -30,6 +30,7 @@ use crate::health::{self, AgentWatch};
 use crate::network::PodNetwork;
 use crate::process_exit::ExitWatch;
 use crate::sandbox::{remove_state, Sandbox, SHARED_FS_TAG};
+use protocols::error_chain;
 
 /// Publishes task events to containerd.
 pub struct Events {
@@ -44,7 +45,7 @@ impl Events {
             .publisher
             .publish(context, topic, &self.namespace, event)
         {
-            tracing::warn!("publishing {topic}: {e}");
+            tracing::warn!("publishing {topic}: {}", error_chain(&e));
         }
     }
 }
@@ -150,11 +151,9 @@ impl Pod {
     ) -> Result<Arc<Pod>, PodError> {
         let hostname = setup.hostname;
         // Dropped (torn down) if the boot fails; the pod keeps it otherwise.
-        let mut network = setup
-            .netns
-            .map(PodNetwork::wire)
-            .transpose()
-            .map_err(|e| PodError::Other(format!("wiring the pod's network: {e}")))?;
+        let mut network = setup.netns.map(PodNetwork::wire).transpose().map_err(|e| {
+            PodError::Other(format!("wiring the pod's network: {}", error_chain(&e)))
+        })?;
         if let Some(network) = network.as_mut() {
             config.net = network.take_attachments().into();
         }
@@ -179,10 +178,15 @@ impl Pod {
         let mut sandbox = started_rx
             .recv()
             .map_err(|_| PodError::Other("the VMM thread died".into()))?
-            .map_err(|e| PodError::Other(format!("starting the pod's VM: {e}")))?;
+            .map_err(|e| PodError::Other(format!("starting the pod's VM: {}", error_chain(&e))))?;
         let stream = match sandbox.connect_agent(agent_timeout) {
             Ok(stream) => stream,
-            Err(e) => return Err(PodError::Other(format!("starting the pod's VM: {e}"))),
+            Err(e) => {
+                return Err(PodError::Other(format!(
+                    "starting the pod's VM: {}",
+                    error_chain(&e)
+                )))
+            }
         };
         let agent_stream = stream
             .try_clone()
@@ -292,10 +296,10 @@ impl Pod {
         let share = self.shared.join(id);
         let created = (|| {
             mounts::mount_rootfs(rootfs, &bundle.join("rootfs"), &share.join("rootfs"))
-                .map_err(|e| PodError::Other(e.to_string()))?;
+                .map_err(|e| PodError::Other(error_chain(&e)))?;
             let sandbox_pid = *self.sandbox_pid.lock().unwrap_or_else(|p| p.into_inner());
             let spec = spec::for_guest(spec, id, &share, sandbox_pid)
-                .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
+                .map_err(|e| PodError::InvalidArgument(error_chain(&e)))?;
             let created = self
                 .client
                 .create_container(
@@ -318,7 +322,7 @@ impl Pod {
                 Ok(io) => Ok(io),
                 Err(e) => {
                     self.remove_in_guest(id);
-                    Err(PodError::InvalidArgument(e.to_string()))
+                    Err(PodError::InvalidArgument(error_chain(&e)))
                 }
             }
         })();
@@ -407,7 +411,7 @@ impl Pod {
             )
             .map_err(agent_error("starting the exec"))?;
         let output = io::start_output(&self.client, id, exec_id, &process.stdio)
-            .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
+            .map_err(|e| PodError::InvalidArgument(error_chain(&e)))?;
         process.stdin.start(&self.client, id, exec_id);
         process.set_running(self.vmm_pid);
         self.events.publish(
@@ -439,7 +443,7 @@ impl Pod {
             }
             // Opened now: containerd may send CloseIO before Start.
             let stdin = io::Stdin::open(&stdio.stdin)
-                .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
+                .map_err(|e| PodError::InvalidArgument(error_chain(&e)))?;
             c.execs.insert(
                 exec_id.to_string(),
                 Arc::new(Process::new(id, exec_id, stdio, stdin)),
@@ -787,7 +791,7 @@ fn watch_vm(pod: Weak<Pod>, vmm_pid: u32) {
                 Some(sandbox) => sandbox.death(),
                 None => return,
             }
-            .map(|e| e.to_string())
+            .map(|e| error_chain(&e))
         };
         match death {
             Some(why) => {

@@ -26,7 +26,9 @@ pub fn serve(flags: &Flags) -> Result<()> {
     let stderr = StartupStderr::redirect();
     let result = serve_with(flags, stderr);
     if let Err(e) = &result {
-        eprintln!("{RUNTIME_ID}: {e:#}");
+        // Not `{:#}`: errors of the shim library and ttrpc print their
+        // cause in their message too; this shows it once.
+        eprintln!("{RUNTIME_ID}: {}", protocols::error_chain(&**e));
     }
     result
 }
@@ -37,7 +39,10 @@ fn serve_with(flags: &Flags, stderr: StartupStderr) -> Result<()> {
     }
     if let Err(e) = containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)
     {
-        eprintln!("{RUNTIME_ID}: logging to containerd: {e}");
+        eprintln!(
+            "{RUNTIME_ID}: logging to containerd: {}",
+            protocols::error_chain(&e)
+        );
     }
     let ttrpc_address =
         std::env::var("TTRPC_ADDRESS").context("TTRPC_ADDRESS (containerd's event socket)")?;

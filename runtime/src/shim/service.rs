@@ -144,7 +144,7 @@ pub fn start_for_containerd_1(flags: &Flags) -> Result<String, String> {
         debug: flags.debug,
         ..Default::default()
     };
-    start_pod_shim(opts).map_err(|e| e.to_string())
+    start_pod_shim(opts).map_err(|e| protocols::error_chain(&e))
 }
 
 /// `containerd.task.v2.Task` for the pod this shim serves.
@@ -248,7 +248,8 @@ impl Task for TaskService {
             ));
         }
         let bundle = Path::new(&req.bundle);
-        let spec = spec::read(bundle).map_err(|e| PodError::InvalidArgument(e.to_string()))?;
+        let spec = spec::read(bundle)
+            .map_err(|e| PodError::InvalidArgument(protocols::error_chain(&e)))?;
         let config_path = match req.options.as_ref() {
             Some(any) => crate::shim_config::config_path_option(&any.type_url, &any.value)
                 .map_err(PodError::InvalidArgument)?,

@@ -17,7 +17,7 @@ pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 pub enum SpecError {
     #[error("reading the OCI spec {path}: {reason}")]
     Read { path: PathBuf, reason: String },
-    #[error("sharing mount {destination} of the spec: {source}")]
+    #[error("sharing mount {destination} of the spec")]
     Mount {
         destination: String,
         source: Box<MountError>,
@@ -351,7 +351,7 @@ mod tests {
         let spec = json!({"mounts": [
             {"destination": "/data", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]}]});
         let err = for_guest(spec, "c1", Path::new("/nonexistent"), None).unwrap_err();
-        let text = err.to_string();
+        let text = protocols::error_chain(&err);
         assert!(
             text.contains("/data") && text.contains("/no/such/dir"),
             "{text}"

@@ -130,7 +130,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("testhost: {e:#}");
+            eprintln!("testhost: {}", protocols::error_chain(&*e));
             ExitCode::from(1)
         }
     }
@@ -295,7 +295,7 @@ impl OwnTestHost {
 impl Drop for OwnTestHost {
     fn drop(&mut self) {
         if let Err(e) = stop(&self.options) {
-            eprintln!("testhost: {e:#}");
+            eprintln!("testhost: {}", protocols::error_chain(&*e));
         }
     }
 }

@@ -33,7 +33,7 @@ fn main() {
     let serve = std::env::args().nth(1).as_deref() == Some("serve");
     if serve {
         if let Err(e) = serve_commands() {
-            eprintln!("testhost-init serve: {e:#}");
+            eprintln!("testhost-init serve: {}", protocols::error_chain(&*e));
             std::process::exit(1);
         }
         return;
@@ -43,7 +43,7 @@ fn main() {
         std::process::exit(2);
     }
     if let Err(e) = boot() {
-        eprintln!("testhost-init: {e:#}");
+        eprintln!("testhost-init: {}", protocols::error_chain(&*e));
     }
     power_off();
 }

@@ -62,7 +62,7 @@ pub fn main() -> ! {
     let message = match result {
         Ok(never) => match never {},
         Err(ContainerError::Setup(message)) => message,
-        Err(e) => e.to_string(),
+        Err(e) => protocols::error_chain(&e),
     };
     let _ = channel.send(&FromChild::Failed { message });
     std::process::exit(1);

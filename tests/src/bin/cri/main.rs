@@ -86,7 +86,7 @@ fn main() {
             std::process::exit(code);
         }
         Err(e) => {
-            eprintln!("cri: {e:#}");
+            eprintln!("cri: {}", protocols::error_chain(&*e));
             std::process::exit(1);
         }
     }

@@ -9,12 +9,12 @@ pub mod regs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchError {
-    #[error("writing {what} to guest memory: {source}")]
+    #[error("writing {what} to guest memory")]
     GuestMemory {
         what: &'static str,
         source: vm_memory::GuestMemoryError,
     },
-    #[error("KVM refused {what}: {source}")]
+    #[error("KVM refused {what}")]
     Kvm {
         what: &'static str,
         source: kvm_ioctls::Error,

@@ -65,9 +65,9 @@ pub enum ActivateError {
 /// Why [`VirtioState::new`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioStateError {
-    #[error("creating the virtqueues: {0:?}")]
-    Queue(virtio_queue::Error),
-    #[error("creating the eventfds: {0}")]
+    #[error("creating the virtqueues")]
+    Queue(#[source] virtio_queue::Error),
+    #[error("creating the eventfds")]
     EventFd(#[from] std::io::Error),
 }
 

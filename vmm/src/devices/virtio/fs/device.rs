@@ -35,8 +35,8 @@ impl Fs {
             return Err(FsError::BadTag(tag.to_string()));
         }
         let server = new_server(dir)?;
-        let virtio =
-            VirtioState::new(NUM_QUEUES, QUEUE_SIZE).map_err(|e| FsError::Setup(e.to_string()))?;
+        let virtio = VirtioState::new(NUM_QUEUES, QUEUE_SIZE)
+            .map_err(|e| FsError::Setup(protocols::error_chain(&e)))?;
         Ok(Self {
             tag: tag.to_string(),
             virtio,

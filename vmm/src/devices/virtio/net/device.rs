@@ -11,6 +11,7 @@ use std::fmt;
 use std::io;
 use std::time::{Duration, Instant};
 
+use protocols::error_chain;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
@@ -135,8 +136,8 @@ impl Net {
     }
 
     pub fn with_tap(tap: Tap, mac: [u8; 6], mtu: u16) -> Result<Self, NetError> {
-        let virtio =
-            VirtioState::new(NUM_QUEUES, QUEUE_SIZE).map_err(|e| NetError::Setup(e.to_string()))?;
+        let virtio = VirtioState::new(NUM_QUEUES, QUEUE_SIZE)
+            .map_err(|e| NetError::Setup(error_chain(&e)))?;
         Ok(Self {
             mac,
             mtu,
@@ -358,7 +359,7 @@ impl VirtioDevice for Net {
         }
         self.tap
             .set_offload(offload_for(self.virtio.acked_features))
-            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+            .map_err(|e| ActivateError::Backend(error_chain(&e)))?;
         self.memory = Some(memory);
         // Frames may have queued up before: read them once RX buffers come.
         self.tap_readable = true;
@@ -371,7 +372,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) -> bool {
         if let Err(e) = self.tap.set_offload(0) {
-            tracing::warn!("virtio-net: {e}");
+            tracing::warn!("virtio-net: {}", error_chain(&e));
         }
         self.memory = None;
         self.tap_readable = false;

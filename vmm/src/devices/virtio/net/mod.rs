@@ -51,22 +51,35 @@ pub const CONFIG_SPACE_SIZE: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("fd {fd} is not an open file descriptor of this process: {error}")]
-    BadFd { fd: RawFd, error: std::io::Error },
-    #[error("fd {fd} is not a tap device: {error}")]
-    NotATap { fd: RawFd, error: std::io::Error },
+    #[error("fd {fd} is not an open file descriptor of this process")]
+    BadFd {
+        fd: RawFd,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("fd {fd} is not a tap device")]
+    NotATap {
+        fd: RawFd,
+        #[source]
+        error: std::io::Error,
+    },
     #[error("tap {name} (fd {fd}) was opened without {missing}: open it with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR")]
     TapFlags {
         fd: RawFd,
         name: String,
         missing: &'static str,
     },
-    #[error("opening tap {name}: {error}")]
-    OpenTap { name: String, error: std::io::Error },
-    #[error("configuring tap {name}: {what}: {error}")]
+    #[error("opening tap {name}")]
+    OpenTap {
+        name: String,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("configuring tap {name}: {what}")]
     TapSetup {
         name: String,
         what: &'static str,
+        #[source]
         error: std::io::Error,
     },
     #[error("creating the virtio-net device: {0}")]

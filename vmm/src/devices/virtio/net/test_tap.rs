@@ -71,7 +71,7 @@ fn make_in_new_netns(mtu: u32) -> io::Result<TestTap> {
     }
     let tap = Tap::open_named(TAP_NAME).map_err(|e| match e {
         super::NetError::OpenTap { error, .. } => error,
-        other => io::Error::other(other.to_string()),
+        other => io::Error::other(protocols::error_chain(&other)),
     })?;
     // SAFETY: plain socket creation.
     let control = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };

@@ -485,6 +485,27 @@ fn tap_harness(
     DeviceLoop::new(net)
 }
 
+/// A refused fd names itself and shows its cause once, also inside the
+/// VMM's error (whose `{:#}` or chain the runtime prints).
+#[test]
+fn a_refused_tap_fd_shows_its_cause_once() {
+    let devnull = std::fs::File::open("/dev/null").unwrap().into_raw_fd();
+    let err = Tap::from_fd(devnull).err().unwrap();
+    // SAFETY: `devnull` is open and owned by nobody else (refused).
+    drop(unsafe { OwnedFd::from_raw_fd(devnull) });
+    assert_eq!(err.to_string(), format!("fd {devnull} is not a tap device"));
+    let text = protocols::error_chain(&crate::vm::VmError::Net {
+        index: 1,
+        error: err,
+    });
+    let prefix = format!("virtio-net NIC 1: fd {devnull} is not a tap device: ");
+    assert!(
+        text.starts_with(&prefix) && text.len() > prefix.len(),
+        "{text}"
+    );
+    assert_eq!(protocols::repeated_cause(&text), None, "{text}");
+}
+
 #[test]
 fn an_inherited_tap_fd_is_checked_and_adopted() {
     let Some(tap) = real_tap(1500) else { return };

@@ -39,15 +39,15 @@ const MAX_TX_PAYLOAD: usize = 64 * 1024;
 pub enum VsockError {
     #[error("guest CID {0} is reserved: use 3 or above")]
     BadCid(u64),
-    #[error("cannot listen on the vsock socket {path}: {source}")]
+    #[error("cannot listen on the vsock socket {path}")]
     Bind {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("creating the vsock device: {0}")]
+    #[error("creating the vsock device")]
     Setup(#[from] std::io::Error),
-    #[error("vsock queues: {0:?}")]
-    Queue(virtio_queue::Error),
+    #[error("vsock queues")]
+    Queue(#[source] virtio_queue::Error),
 }
 
 pub struct Vsock {
