@@ -379,7 +379,7 @@ fn oom_report(argv: &[String], wait: &agent::WaitProcessResponse, code: u32) -> 
     }
     let victims = match (wait.oom_kills, wait.oom_victims.is_empty()) {
         (0, _) => return None,
-        (_, false) => wait.oom_victims.join(", "),
+        (_, false) => guest_names(&wait.oom_victims),
         (1, true) => "a process".to_string(),
         (n, true) => format!("{n} processes"),
     };
@@ -387,6 +387,28 @@ fn oom_report(argv: &[String], wait: &agent::WaitProcessResponse, code: u32) -> 
         "the container ran out of memory: the OOM killer ended {victims}; \
          {argv:?} went on and exited with status {code}"
     ))
+}
+
+/// The guest's victim names for the user's terminal: they come from the
+/// guest (a process picks its own name), so at most [`MAX_NAMED`] of them,
+/// each cut to [`MAX_NAME`] characters, control characters escaped.
+fn guest_names(names: &[String]) -> String {
+    const MAX_NAMED: usize = 8;
+    const MAX_NAME: usize = 64;
+    let mut shown: Vec<String> = names
+        .iter()
+        .take(MAX_NAMED)
+        .map(|name| {
+            name.chars()
+                .take(MAX_NAME)
+                .flat_map(char::escape_default)
+                .collect()
+        })
+        .collect();
+    if names.len() > MAX_NAMED {
+        shown.push(format!("{} more", names.len() - MAX_NAMED));
+    }
+    shown.join(", ")
 }
 
 fn remove_container(client: &AgentServiceClient, id: &str) {
@@ -560,6 +582,18 @@ impl Drop for RawTerminal {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn guest_victim_names_are_bounded_and_escaped() {
+        let mut names = vec!["tail (pid 53)".to_string(), "\x1b[2Jx".repeat(40)];
+        names.extend((0..20).map(|i| format!("p{i}")));
+        let shown = super::guest_names(&names);
+        assert!(shown.starts_with("tail (pid 53), \\u{1b}[2Jx"), "{shown}");
+        assert!(!shown.contains('\x1b'), "{shown}");
+        assert!(shown.ends_with(", p5, 14 more"), "{shown}");
+        assert!(shown.len() < 600, "{shown}");
+    }
+
     use std::io::Read;
     use std::time::Instant;
 
