@@ -2,6 +2,7 @@
 //! the sandbox lifecycle (start the VMM, connect to the agent, tear down) and
 //! the configuration.
 
+pub mod cgroup;
 pub mod config;
 pub mod ctl;
 pub mod guest_command;
