@@ -7,11 +7,13 @@
 //! - [`arch`]: the x86_64 boot state (registers, page tables, CPUID, MSRs, MP table);
 //! - [`vcpu`]: vCPU creation and run loops;
 //! - [`devices`]: serial console, i8042 (reset), virtio-mmio devices (vsock, fs, net);
+//! - [`jail`]: confining the VMM process (namespaces, root, capabilities, seccomp);
 //! - [`vm`]: building a VM from a [`vm::VmConfig`] and running it to its end.
 
 pub mod arch;
 pub mod boot;
 pub mod devices;
+pub mod jail;
 pub mod kvm;
 pub mod layout;
 pub mod memory;

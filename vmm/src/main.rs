@@ -5,7 +5,13 @@
 //!             [--cmdline EXTRA] [--console off|stdout|FILE]
 //!             [--vsock-uds PATH [--guest-cid CID]] [--fs TAG=HOSTDIR]...
 //!             [--net fd=N|tap=NAME,mac=aa:bb:cc:dd:ee:ff[,mtu=M]]...
+//!             [--jail EMPTYDIR] [--seccomp on|off|log]
 //! ```
+//! `--jail EMPTYDIR`: confine the VMM (see `vmm::jail`): PID, mount,
+//! network, IPC and UTS namespaces of its own, its root a tmpfs mounted on
+//! EMPTYDIR in its own namespace, only the shares' capabilities. `--seccomp`
+//! (default on): each thread's system call allow-list; `log` logs instead
+//! of killing (for measuring the lists), `off` is for debugging only.
 //! `--net fd=N`: an inherited tap fd opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR
 //! (the VMM owns it from then on); `--net tap=NAME`: the VMM opens (creates if
 //! needed) tap NAME in its own network namespace. `mtu` (68 to 65535, default
@@ -17,6 +23,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+use vmm::jail::{self, seccomp};
 use vmm::vcpu::VmExit;
 use vmm::vm::Vm;
 use vmm::{Console, NetConfig, VmConfig, VsockConfig};
@@ -24,9 +31,16 @@ use vmm::{Console, NetConfig, VmConfig, VsockConfig};
 const USAGE: &str =
     "usage: microvm-vmm --kernel VMLINUX [--initrd FILE] [--cpus N] [--memory MIB] \
 [--cmdline EXTRA] [--console off|stdout|FILE] [--vsock-uds PATH [--guest-cid CID]] \
-[--fs TAG=HOSTDIR]... [--net fd=N|tap=NAME,mac=aa:bb:cc:dd:ee:ff[,mtu=M]]...";
+[--fs TAG=HOSTDIR]... [--net fd=N|tap=NAME,mac=aa:bb:cc:dd:ee:ff[,mtu=M]]... \
+[--jail EMPTYDIR] [--seccomp on|off|log]";
 
-fn parse(args: &[String]) -> Result<VmConfig> {
+/// The confinement asked for on the command line.
+struct Confinement {
+    jail: Option<PathBuf>,
+    seccomp: seccomp::Mode,
+}
+
+fn parse(args: &[String]) -> Result<(VmConfig, Confinement)> {
     let mut kernel = None;
     let mut config = VmConfig {
         kernel: PathBuf::new(),
@@ -40,6 +54,10 @@ fn parse(args: &[String]) -> Result<VmConfig> {
         net: Vec::new(),
     };
     let mut vsock_path = None;
+    let mut confinement = Confinement {
+        jail: None,
+        seccomp: seccomp::Mode::Kill,
+    };
     let mut guest_cid = 3;
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
@@ -99,6 +117,10 @@ fn parse(args: &[String]) -> Result<VmConfig> {
                     .parse()
                     .with_context(|| format!("--guest-cid {text}: give a number"))?;
             }
+            "--jail" => confinement.jail = Some(PathBuf::from(value()?)),
+            "--seccomp" => {
+                confinement.seccomp = value()?.parse().map_err(anyhow::Error::msg)?;
+            }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
@@ -106,8 +128,46 @@ fn parse(args: &[String]) -> Result<VmConfig> {
     config.vsock = vsock_path.map(|uds_path| VsockConfig {
         guest_cid,
         uds_path,
+        host_ports_path: None,
     });
-    Ok(config)
+    Ok((config, confinement))
+}
+
+/// Parses, confines (as far as can be done before the VM is built), builds.
+fn build(args: &[String]) -> Result<Vm> {
+    let (mut config, confinement) = parse(args)?;
+    if confinement.jail.is_some() {
+        if let Some(nic) = config
+            .net
+            .iter()
+            .find(|nic| !matches!(nic.tap, vmm::TapSource::Fd(_)))
+        {
+            bail!(
+                "--net {nic:?}: a jailed VMM has no network of its own to open a tap in: \
+                 pass an open tap (--net fd=N,...)"
+            );
+        }
+        jail::split_pid_namespace(confinement.seccomp)?;
+    }
+    if confinement.seccomp == seccomp::Mode::Off {
+        eprintln!(
+            "microvm-vmm: warning: seccomp is off: the VMM's threads may make any system call"
+        );
+    }
+    seccomp::prepare(confinement.seccomp)?;
+    let jail = match &confinement.jail {
+        Some(root) => Some(jail::Jail::prepare(
+            root,
+            &mut config.fs,
+            config.vsock.as_mut(),
+        )?),
+        None => None,
+    };
+    let vm = Vm::build(&config)?;
+    if let Some(jail) = jail {
+        jail.enter()?;
+    }
+    Ok(vm)
 }
 
 fn main() -> ExitCode {
@@ -119,8 +179,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = parse(&args).and_then(|config| Ok(Vm::build(&config)?));
-    let vm = match result {
+    let vm = match build(&args) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("microvm-vmm: {}", protocols::error_chain(&*e));

@@ -40,6 +40,18 @@ impl ExitSignal {
         let _ = self.event.write(1);
     }
 
+    /// Waits up to `timeout` for the VM's end, without taking the event.
+    pub fn wait_for(&self, timeout: std::time::Duration) {
+        let mut poll = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.event),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll on one pollfd we own.
+        unsafe { libc::poll(&mut poll, 1, ms) };
+    }
+
     /// Blocks until a vCPU (or a device) ends the VM.
     pub fn wait(&self) -> VmExit {
         let _ = self.event.read();
@@ -75,6 +87,7 @@ pub fn create(kvm: &Kvm, vm: &VmFd, index: u8, count: u8, entry: u64) -> Result<
 /// Runs a vCPU until the guest stops or KVM fails, then signals `exit`.
 pub fn run(mut vcpu: VcpuFd, index: u8, pio: Arc<Bus>, mmio: Arc<Bus>, exit: Arc<ExitSignal>) {
     let reason = loop {
+        crate::jail::test_violation(crate::jail::ThreadKind::Vcpu);
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !pio.read(port as u64, data) {

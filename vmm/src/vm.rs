@@ -22,6 +22,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, NetConfig, TapSource};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
+use crate::jail::{self, ThreadKind};
 use crate::kvm::{self, KvmError};
 use crate::layout;
 use crate::memory::create_guest_memory;
@@ -63,7 +64,11 @@ pub struct FsConfig {
 #[derive(Debug, Clone)]
 pub struct VsockConfig {
     pub guest_cid: u64,
+    /// Where the host connects (listened on before the jail is entered).
     pub uds_path: PathBuf,
+    /// Where guest connections to host port P go, as `<path>_P`:
+    /// `uds_path` unless the jail moved the socket's directory.
+    pub host_ports_path: Option<PathBuf>,
 }
 
 /// The guest always gets: the serial console, resets through the i8042
@@ -282,8 +287,11 @@ impl Vm {
         let mut virtio_slot = 0u64;
         let mut vsock_path = None;
         if let Some(vsock) = &config.vsock {
-            let device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone())
+            let mut device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone())
                 .map_err(device_err("the vsock device"))?;
+            if let Some(path) = &vsock.host_ports_path {
+                device.set_host_ports_path(path.clone());
+            }
             let device = Arc::new(Mutex::new(device));
             let (base, irq) = attach_virtio(&vm, &memory, &mut mmio, device.clone(), virtio_slot)?;
             events.add_subscriber(device);
@@ -362,7 +370,13 @@ impl Vm {
             let (pio, mmio, exit) = (pio.clone(), mmio.clone(), exit.clone());
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu::run(vcpu, index as u8, pio, mmio, exit));
+                .spawn(move || {
+                    if let Err(e) = jail::confine_thread(ThreadKind::Vcpu) {
+                        exit.signal(VmExit::Failed(protocols::error_chain(&e)));
+                        return;
+                    }
+                    vcpu::run(vcpu, index as u8, pio, mmio, exit)
+                });
             if let Err(e) = spawned {
                 return VmExit::Failed(format!("starting vCPU thread {index}: {e}"));
             }
@@ -372,6 +386,10 @@ impl Vm {
         let spawned = thread::Builder::new()
             .name("devices".into())
             .spawn(move || {
+                if let Err(e) = jail::confine_thread(ThreadKind::Devices) {
+                    reset_exit.signal(VmExit::Failed(protocols::error_chain(&e)));
+                    return;
+                }
                 events.add_subscriber(Arc::new(Mutex::new(ResetWatcher {
                     reset,
                     exit: reset_exit,
@@ -380,10 +398,18 @@ impl Vm {
                     if let Err(e) = events.run() {
                         tracing::error!("device event loop: {e:?}");
                     }
+                    jail::test_violation(ThreadKind::Devices);
                 }
             });
         if let Err(e) = spawned {
             return VmExit::Failed(format!("starting the device thread: {e}"));
+        }
+        if let Err(e) = jail::confine_thread(ThreadKind::Main) {
+            return VmExit::Failed(protocols::error_chain(&e));
+        }
+        if let Some(due) = jail::test_violation_due(ThreadKind::Main) {
+            exit.wait_for(due);
+            jail::test_violation(ThreadKind::Main);
         }
         let result = exit.wait();
         if let Some(path) = vsock_path {

@@ -9,7 +9,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::event_handler::{EventHandler, QueueState};
+use super::event_handler::{QueueState, Worker};
 use super::memory_view;
 use super::server::{new_server, FsServer};
 use super::{FsError, CONFIG_SPACE_SIZE, NUM_QUEUES, QUEUE_SIZE, TAG_LEN, VIRTIO_ID_FS};
@@ -25,7 +25,7 @@ pub struct Fs {
     tag: String,
     virtio: VirtioState,
     server: Arc<FsServer>,
-    handler: Option<EventHandler>,
+    worker: Worker,
 }
 
 impl Fs {
@@ -41,7 +41,8 @@ impl Fs {
             tag: tag.to_string(),
             virtio,
             server,
-            handler: None,
+            worker: Worker::spawn()
+                .map_err(|e| FsError::Setup(format!("starting the virtio-fs thread: {e}")))?,
         })
     }
 
@@ -97,27 +98,25 @@ impl VirtioDevice for Fs {
             .map(EventFd::try_clone)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ActivateError::Backend(e.to_string()))?;
-        let handler = EventHandler::start(QueueState {
-            memory: view,
-            queues,
-            events,
-            interrupt: self.virtio.interrupt.clone(),
-            server: self.server.clone(),
-            broken: [false; NUM_QUEUES],
-        })
-        .map_err(|e| ActivateError::Backend(format!("starting the virtio-fs thread: {e}")))?;
-        self.handler = Some(handler);
+        self.worker
+            .serve(QueueState {
+                memory: view,
+                queues,
+                events,
+                interrupt: self.virtio.interrupt.clone(),
+                server: self.server.clone(),
+                broken: [false; NUM_QUEUES],
+            })
+            .map_err(|e| ActivateError::Backend(format!("the virtio-fs thread: {e}")))?;
         Ok(())
     }
 
     fn is_activated(&self) -> bool {
-        self.handler.is_some()
+        self.worker.is_serving()
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(handler) = self.handler.take() {
-            handler.stop();
-        }
+        self.worker.stop_serving();
         for queue in &mut self.virtio.queues {
             queue.reset();
         }

@@ -1,9 +1,15 @@
-//! The virtio-fs device's event loop, on its own thread: it waits (epoll)
-//! on the queues' notifications (the ioeventfds KVM signals) and a stop
-//! event, drains each notified queue through the FUSE server, returns the
-//! chains used and interrupts the guest (once per pass over the ring; with
-//! EVENT_IDX only when the driver asked to be told). It runs apart from the VMM's
-//! shared event loop because file I/O blocks.
+//! The virtio-fs device's event loop, on a thread of its own: it waits
+//! (epoll) on the queues' notifications (the ioeventfds KVM signals) and a
+//! stop event, drains each notified queue through the FUSE server, returns
+//! the chains used and interrupts the guest (once per pass over the ring;
+//! with EVENT_IDX only when the driver asked to be told). It runs apart
+//! from the VMM's shared event loop because file I/O blocks.
+//!
+//! The thread is started with the device, before the VMM confines its
+//! threads, and lives as long as the device: it confines itself (the
+//! `Fs` seccomp list) and then serves each activation of the device in
+//! turn. Starting it at activation instead would make it a child of the
+//! vCPU thread that activates, bound by the vCPU's list as well.
 //!
 //! Nothing is allocated per request here (the FUSE server's `Reader` and
 //! `Writer` allocate their small scatter lists, and the passthrough file
@@ -11,7 +17,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use fuse_virtio_queue::QueueT;
@@ -22,17 +28,24 @@ use super::memory_view::{FuseMemory, FuseQueue};
 use super::server::{serve_chain, FsServer};
 use super::NUM_QUEUES;
 use crate::devices::virtio::{Interrupt, INTERRUPT_USED_RING};
+use crate::jail::{self, ThreadKind};
 
 /// The epoll token of the stop event (queue events use their index).
 const STOP: u64 = u64::MAX;
 
-/// The running event loop of one activated device.
-pub struct EventHandler {
-    stop: EventFd,
+/// The device's server thread: idle until an activation hands it the
+/// queues, serving them until the device is reset.
+pub struct Worker {
+    /// An activation's queues, to serve until `stop`.
+    jobs: Option<mpsc::Sender<QueueState>>,
+    stop: Arc<EventFd>,
+    /// One message per activation served to its end.
+    done: mpsc::Receiver<()>,
+    serving: bool,
     thread: Option<JoinHandle<()>>,
 }
 
-/// What the event loop owns.
+/// What the event loop owns while the device is active.
 pub struct QueueState {
     pub memory: FuseMemory,
     pub queues: Vec<FuseQueue>,
@@ -45,11 +58,94 @@ pub struct QueueState {
     pub broken: [bool; NUM_QUEUES],
 }
 
-impl EventHandler {
-    pub fn start(state: QueueState) -> io::Result<EventHandler> {
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+impl Worker {
+    /// Starts the thread; it has confined itself when this returns.
+    pub fn spawn() -> io::Result<Worker> {
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let (jobs, job_rx) = mpsc::channel::<QueueState>();
+        let (done_tx, done) = mpsc::channel();
+        let (ready_tx, ready) = mpsc::channel();
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("virtio-fs".into())
+            .spawn(move || {
+                if let Err(e) = jail::confine_thread(ThreadKind::Fs) {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                while let Ok(mut state) = job_rx.recv() {
+                    match state.epoll(&thread_stop) {
+                        Ok(epoll) => state.run(&epoll, &thread_stop),
+                        Err(e) => tracing::error!("virtio-fs: watching the queues: {e}"),
+                    }
+                    drop(state);
+                    if done_tx.send(()).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        match ready.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(io::Error::other(protocols::error_chain(&e))),
+            Err(_) => return Err(io::Error::other("the virtio-fs thread ended at its start")),
+        }
+        Ok(Worker {
+            jobs: Some(jobs),
+            stop,
+            done,
+            serving: false,
+            thread: Some(thread),
+        })
+    }
+
+    /// Serves an activation's queues until [`Worker::stop_serving`].
+    pub fn serve(&mut self, state: QueueState) -> io::Result<()> {
+        let jobs = self
+            .jobs
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no thread"))?;
+        jobs.send(state)
+            .map_err(|_| io::Error::other("the virtio-fs thread has ended"))?;
+        self.serving = true;
+        Ok(())
+    }
+
+    pub fn is_serving(&self) -> bool {
+        self.serving
+    }
+
+    /// Ends the activation being served (device reset) and waits for it:
+    /// a request being served completes first.
+    pub fn stop_serving(&mut self) {
+        if !self.serving {
+            return;
+        }
+        self.serving = false;
+        if let Err(e) = self.stop.write(1) {
+            tracing::error!("virtio-fs: stopping its thread: {e}");
+            return;
+        }
+        let _ = self.done.recv();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop_serving();
+        // Closing the job channel ends the thread.
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl QueueState {
+    /// An epoll set over the queue notifications and `stop`.
+    fn epoll(&self, stop: &EventFd) -> io::Result<Epoll> {
         let epoll = Epoll::new()?;
-        for (index, event) in state.events.iter().enumerate() {
+        for (index, event) in self.events.iter().enumerate() {
             epoll.ctl(
                 ControlOperation::Add,
                 event.as_raw_fd(),
@@ -61,41 +157,10 @@ impl EventHandler {
             stop.as_raw_fd(),
             EpollEvent::new(EventSet::IN, STOP),
         )?;
-        let mut state = state;
-        let thread = std::thread::Builder::new()
-            .name("virtio-fs".into())
-            .spawn(move || state.run(&epoll))?;
-        Ok(EventHandler {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(epoll)
     }
 
-    /// Ends the loop (device reset) and waits for it: a request being
-    /// served completes first.
-    pub fn stop(mut self) {
-        self.shut_down();
-    }
-
-    fn shut_down(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            if let Err(e) = self.stop.write(1) {
-                tracing::error!("virtio-fs: stopping its thread: {e}");
-                return;
-            }
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for EventHandler {
-    fn drop(&mut self) {
-        self.shut_down();
-    }
-}
-
-impl QueueState {
-    fn run(&mut self, epoll: &Epoll) {
+    fn run(&mut self, epoll: &Epoll, stop: &EventFd) {
         let mut ready = [EpollEvent::default(); NUM_QUEUES + 1];
         loop {
             let count = match epoll.wait(-1, &mut ready) {
@@ -106,9 +171,13 @@ impl QueueState {
                     return;
                 }
             };
+            jail::test_violation(ThreadKind::Fs);
             for event in &ready[..count] {
                 match event.data() {
-                    STOP => return,
+                    STOP => {
+                        let _ = stop.read();
+                        return;
+                    }
                     index => {
                         let index = index as usize;
                         if let Some(event) = self.events.get(index) {

@@ -224,6 +224,12 @@ impl VirtioDevice for Vsock {
 }
 
 impl Vsock {
+    /// Guest connections to host port P go to `<path>_P` instead of next
+    /// to the listening socket (the jail sees that directory elsewhere).
+    pub fn set_host_ports_path(&mut self, path: PathBuf) {
+        self.muxer.set_host_ports_path(path);
+    }
+
     /// Open host connections (for tests and diagnostics).
     pub fn connection_count(&self) -> usize {
         self.muxer.connection_count()

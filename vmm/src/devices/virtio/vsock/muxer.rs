@@ -49,6 +49,8 @@ struct ControlPacket {
 pub struct Muxer {
     guest_cid: u64,
     uds_path: PathBuf,
+    /// See [`Muxer::set_host_ports_path`].
+    host_ports_path: Option<PathBuf>,
     listener: UnixListener,
     handshakes: HashMap<RawFd, Handshake>,
     connections: HashMap<ConnectionKey, Connection>,
@@ -76,6 +78,7 @@ impl Muxer {
         Ok(Self {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
+            host_ports_path: None,
             listener,
             handshakes: HashMap::new(),
             connections: HashMap::new(),
@@ -87,6 +90,12 @@ impl Muxer {
 
     pub fn listener(&self) -> &UnixListener {
         &self.listener
+    }
+
+    /// Guest connections to host port P go to `<path>_P` (default: the
+    /// listening socket's own path).
+    pub fn set_host_ports_path(&mut self, path: PathBuf) {
+        self.host_ports_path = Some(path);
     }
 
     pub fn connection_count(&self) -> usize {
@@ -311,7 +320,8 @@ impl Muxer {
 
     /// A guest connection to host port P: bridged to the Unix socket `<path>_P`.
     fn connect_to_host(&mut self, key: ConnectionKey, header: &PacketHeader, ops: &mut EventOps) {
-        let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), key.local_port));
+        let base = self.host_ports_path.as_ref().unwrap_or(&self.uds_path);
+        let path = PathBuf::from(format!("{}_{}", base.display(), key.local_port));
         let stream = UnixStream::connect(&path).and_then(|stream| {
             stream.set_nonblocking(true)?;
             Ok(stream)
