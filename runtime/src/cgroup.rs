@@ -251,6 +251,38 @@ impl VmmCgroup {
     }
 }
 
+/// For a shim that died with its VMM: kills what is left in the cgroup
+/// `cgroups_path` (its VMM, dying of its parent-death signal anyway) and
+/// removes its directory in every hierarchy. Only the leaf: which parents
+/// the dead shim created is not known, and a parent is usually shared.
+/// Errors are logged.
+pub fn remove_leftover(cgroups_path: &str) {
+    let (path, (_, roots)) = match resolve_path(cgroups_path).and_then(|p| Ok((p, hierarchies()?)))
+    {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!("a dead sandbox's cgroup: {}", protocols::error_chain(&e));
+            return;
+        }
+    };
+    let deadline = Instant::now() + REMOVE_TIMEOUT * 2;
+    for root in roots {
+        let mut dir = root;
+        dir.extend(relative_components(&path));
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            // SAFETY: kill with integer arguments.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if !remove_dir(&dir, deadline) {
+            tracing::warn!("a dead sandbox's cgroup {} stays", dir.display());
+        }
+    }
+}
+
 impl Drop for VmmCgroup {
     fn drop(&mut self) {
         self.remove();
@@ -398,29 +430,11 @@ impl<'a> MountInfo<'a> {
         let separator = 6 + fields.get(6..)?.iter().position(|f| *f == "-")?;
         Some(MountInfo {
             root: fields.get(3).copied()?,
-            mount_point: PathBuf::from(unescape(fields.get(4)?)),
+            mount_point: PathBuf::from(crate::mountinfo::unescape(fields.get(4)?)),
             fstype: fields.get(separator + 1).copied()?,
             super_options: fields.get(separator + 3).copied()?,
         })
     }
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
-fn unescape(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut chars = field.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            let digits: String = chars.clone().take(3).collect();
-            if let Ok(code) = u8::from_str_radix(&digits, 8) {
-                out.push(code as char);
-                chars.nth(2);
-                continue;
-            }
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// The cgroup path, below each hierarchy's root, that `cgroups_path` (an

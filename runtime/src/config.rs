@@ -58,11 +58,59 @@ pub struct SandboxConfig {
     /// containerd shim) also appears in the VMM's namespace and so in the
     /// guest.
     pub late_mounts: bool,
+    /// Confine the VMM (`microvm-vmm --jail`: its own PID, mount, network,
+    /// IPC and UTS namespaces, a root holding only the shares, only the
+    /// file server's capabilities). On unless `MICROVM_JAIL=off` or the
+    /// configuration's `[hypervisor] jail = false` (for debugging and
+    /// benchmarks).
+    pub jail: bool,
+    /// The VMM's per-thread seccomp allow-lists (`microvm-vmm --seccomp`):
+    /// `MICROVM_SECCOMP=off|log`, `[hypervisor] seccomp = false`, `microvm
+    /// run --seccomp off`.
+    pub seccomp: Seccomp,
+    /// The cgroup the VMM runs in (see [`crate::cgroup`]): the sandbox's
+    /// `linux.cgroupsPath` for a pod, else `/microvm/<name>` made for it
+    /// and removed when it ends.
+    pub cgroup_path: Option<String>,
     /// The guest NICs (virtio-net on taps, see [`crate::network`]).
     /// [`crate::sandbox::Sandbox::start`] takes the taps out and hands them
     /// to the VMM, which then holds the only copy: a tap lives exactly as
     /// long as its VMM.
     pub net: NetDevices,
+}
+
+/// What the VMM's seccomp filters do with a call outside their lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seccomp {
+    /// Kill the VMM (the default).
+    On,
+    /// No filters (debugging; the VMM warns).
+    Off,
+    /// Log and allow (measuring the lists).
+    Log,
+}
+
+impl std::str::FromStr for Seccomp {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Seccomp, String> {
+        match text {
+            "on" | "1" | "true" => Ok(Seccomp::On),
+            "off" | "0" | "false" => Ok(Seccomp::Off),
+            "log" => Ok(Seccomp::Log),
+            other => Err(format!("seccomp {other:?}: give on, off or log")),
+        }
+    }
+}
+
+impl Seccomp {
+    /// The VMM's `--seccomp` value.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Seccomp::On => "on",
+            Seccomp::Off => "off",
+            Seccomp::Log => "log",
+        }
+    }
 }
 
 /// A host path shown in the sandbox's shared directory.
@@ -229,6 +277,15 @@ impl SandboxConfig {
             shared_binds: Vec::new(),
             state_dir: None,
             late_mounts: false,
+            jail: !matches!(
+                std::env::var("MICROVM_JAIL").as_deref(),
+                Ok("off" | "0" | "false")
+            ),
+            seccomp: std::env::var("MICROVM_SECCOMP")
+                .ok()
+                .and_then(|text| text.parse().ok())
+                .unwrap_or(Seccomp::On),
+            cgroup_path: None,
             net: NetDevices::default(),
         })
     }

@@ -58,7 +58,7 @@ impl Launch {
         }
     }
 
-    fn terminal(&self) -> bool {
+    pub fn terminal(&self) -> bool {
         match self {
             Launch::Guest(_) => false,
             Launch::Container(c) => c
@@ -125,11 +125,16 @@ struct StuckGuest {
 /// checks for the sandbox's limit fails the run with [`GuestStuck`] (its
 /// agent connection is broken, as a dead VM's is; the caller's dropping of
 /// `sandbox` then kills the VMM).
+///
+/// `signals` ([`catch_signals`]) were caught since before the VM started:
+/// one that came during the boot reaches the command once it runs, rather
+/// than killing us with a VM half set up.
 pub fn run_with_network(
     stream: UnixStream,
     launch: &Launch,
     sandbox: &mut Sandbox,
     network: Option<&PodNetwork>,
+    signals: signal_hook::iterator::Signals,
 ) -> Result<Outcome> {
     let done = Arc::new(AtomicBool::new(false));
     watch_vmm(sandbox.vmm_pid(), stream.try_clone()?, done.clone());
@@ -147,7 +152,7 @@ pub fn run_with_network(
         }
         None => None,
     };
-    let result = run_connected(stream, launch, network, stuck_guest).map(|finished| {
+    let result = run_connected(stream, launch, network, stuck_guest, signals).map(|finished| {
         if finished.guest_quiesced {
             sandbox.guest_quiesced();
         }
@@ -163,7 +168,8 @@ pub fn run_with_network(
 /// Runs `launch` through an agent reached without a VM (an agent serving on
 /// a Unix socket, e.g. for debugging the container engine on a host).
 pub fn run_on_agent(stream: UnixStream, launch: &Launch) -> Result<Outcome> {
-    run_connected(stream, launch, None, None).map(|finished| finished.outcome)
+    let signals = catch_signals(launch.terminal())?;
+    run_connected(stream, launch, None, None, signals).map(|finished| finished.outcome)
 }
 
 /// How a run through the agent ended.
@@ -240,6 +246,7 @@ fn run_connected(
     launch: &Launch,
     network: Option<&PodNetwork>,
     stuck_guest: Option<StuckGuest>,
+    signals: signal_hook::iterator::Signals,
 ) -> Result<Finished> {
     let client = AgentServiceClient::new(
         protocols::client_from_stream(stream)
@@ -251,9 +258,6 @@ fn run_connected(
         .context("starting the agent's health checks")?;
     let argv = launch.argv();
     let terminal = launch.terminal();
-    // Caught from before the process exists, so that a signal arriving while
-    // it starts is forwarded once it runs rather than killing us.
-    let signals = catch_signals(terminal)?;
     let target = match launch {
         Launch::Guest(command) => {
             configure_network(&client, network)?;
@@ -487,8 +491,10 @@ fn pump_input(client: &AgentServiceClient, target: &Target) {
 }
 
 /// The signals we forward to the command (and SIGWINCH with a terminal),
-/// caught and held until `forward_signals` delivers them.
-fn catch_signals(terminal: bool) -> Result<signal_hook::iterator::Signals> {
+/// caught and held until `forward_signals` delivers them: catch them from
+/// before the process exists, so that one arriving while it starts is
+/// forwarded once it runs rather than killing us.
+pub fn catch_signals(terminal: bool) -> Result<signal_hook::iterator::Signals> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGWINCH};
     let mut wanted = vec![SIGINT, SIGTERM, SIGHUP, SIGQUIT];
     if terminal {

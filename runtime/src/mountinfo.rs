@@ -31,7 +31,7 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
-fn unescape(field: &str) -> String {
+pub(crate) fn unescape(field: &str) -> String {
     let mut out = String::with_capacity(field.len());
     let mut chars = field.chars().peekable();
     while let Some(c) = chars.next() {

@@ -9,6 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::cgroup::{CgroupError, VmmCgroup};
 use crate::config::SandboxConfig;
 use crate::hybrid_vsock::{self, ConnectError};
 use crate::network::NetAttachment;
@@ -17,6 +18,9 @@ use crate::network::NetAttachment;
 pub const AGENT_PORT: u32 = 1024;
 const VSOCK_SOCKET: &str = "vsock.sock";
 const VMM_LOG: &str = "vmm.log";
+/// The empty directory the jailed VMM's root is mounted on (in its own
+/// mount namespace only).
+const JAIL_ROOT: &str = "root";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -40,6 +44,8 @@ pub enum SandboxError {
     VmDied(String),
     #[error("reaching the guest agent")]
     Connect(#[from] ConnectError),
+    #[error("the VMM's cgroup")]
+    Cgroup(#[from] CgroupError),
 }
 
 /// The virtio-fs tag of the sandbox's shared directory.
@@ -240,6 +246,10 @@ pub struct Sandbox {
     guest_quiesced: bool,
     /// The configuration's [`SandboxConfig::agent_unresponsive`].
     agent_unresponsive: Option<Duration>,
+    /// The VMM's cgroup, removed after the VMM (see [`crate::cgroup`]).
+    cgroup: Option<VmmCgroup>,
+    /// Started with `--jail`: `vmm` is the jailed VMM's supervisor.
+    jailed: bool,
 }
 
 impl Sandbox {
@@ -296,6 +306,23 @@ impl Sandbox {
             .arg(config.console.as_deref().unwrap_or(Path::new("off")));
         if !config.extra_cmdline.is_empty() {
             command.args(["--cmdline", &config.extra_cmdline]);
+        }
+        if config.jail {
+            // The VMM mounts its root's tmpfs here, in its own namespace.
+            let root = dir.join(JAIL_ROOT);
+            if let Err(source) = std::fs::create_dir(&root) {
+                remove_state(&dir);
+                return Err(SandboxError::StateDir { path: root, source });
+            }
+            command.arg("--jail").arg(root);
+        }
+        if config.seccomp != crate::config::Seccomp::On {
+            tracing::warn!(
+                "the VMM's seccomp filters are {}: for debugging only, a guest that \
+                 breaks into the VMM may then make any system call",
+                config.seccomp.as_arg()
+            );
+            command.args(["--seccomp", config.seccomp.as_arg()]);
         }
         let binds = match prepare_share(config, &dir, &mut command) {
             Ok(binds) => binds,
@@ -354,6 +381,26 @@ impl Sandbox {
                 });
             }
         }
+        let cgroup_path = config.cgroup_path.clone().unwrap_or_else(|| {
+            VmmCgroup::default_path(&dir.file_name().unwrap_or_default().to_string_lossy())
+        });
+        let cgroup = match VmmCgroup::create(&cgroup_path).and_then(|cgroup| {
+            let joiner = cgroup.joiner()?;
+            Ok((cgroup, joiner))
+        }) {
+            Ok((cgroup, joiner)) => {
+                // SAFETY: the joiner only write(2)s to fds opened before
+                // fork: async-signal-safe.
+                unsafe {
+                    command.pre_exec(move || joiner.join());
+                }
+                cgroup
+            }
+            Err(e) => {
+                remove_state(&dir);
+                return Err(e.into());
+            }
+        };
         let spawned = command.spawn();
         // The VMM has its copies now (or failed): ours must not keep the
         // taps alive.
@@ -368,7 +415,13 @@ impl Sandbox {
                 });
             }
         };
-        tracing::debug!("VMM started (pid {})", vmm.id());
+        tracing::debug!(
+            "VMM started (pid {}) in cgroup {}, jail {}, seccomp {}",
+            vmm.id(),
+            cgroup.cgroup_path().display(),
+            if config.jail { "on" } else { "off" },
+            config.seccomp.as_arg()
+        );
         Ok(Sandbox {
             vmm,
             dir,
@@ -376,6 +429,8 @@ impl Sandbox {
             exited: None,
             guest_quiesced: false,
             agent_unresponsive: config.agent_unresponsive,
+            cgroup: Some(cgroup),
+            jailed: config.jail,
         })
     }
 
@@ -395,8 +450,22 @@ impl Sandbox {
         self.agent_unresponsive
     }
 
+    /// The VMM's process id: with the jail, the VMM proper (PID 1 of its
+    /// own PID namespace, the only child of the process we started, which
+    /// stays as its supervisor), as soon as it exists; signals to it reach
+    /// the VMM itself (SIGSTOP stops the guest), and its death ends the
+    /// supervisor the same way. Else the process we started.
     pub fn vmm_pid(&self) -> u32 {
-        self.vmm.id()
+        let supervisor = self.vmm.id();
+        if self.jailed {
+            let children =
+                std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+                    .unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().find_map(|p| p.parse().ok()) {
+                return pid;
+            }
+        }
+        supervisor
     }
 
     /// The VMM's exit status once it has ended.
@@ -457,6 +526,17 @@ impl Sandbox {
         let status = self.vmm_exit()?;
         let log = self.vmm_log();
         if let Some(signal) = status.signal() {
+            if signal == libc::SIGSYS {
+                let record = log
+                    .lines()
+                    .rev()
+                    .find_map(|line| line.strip_prefix("microvm-vmm: killed by its seccomp filter"))
+                    .unwrap_or("")
+                    .to_string();
+                return Some(SandboxError::VmDied(format!(
+                    "the VMM was killed by its seccomp filter{record}"
+                )));
+            }
             let name = nix::sys::signal::Signal::try_from(signal)
                 .map(|s| s.as_str().to_string())
                 .unwrap_or_else(|_| format!("signal {signal}"));
@@ -533,6 +613,9 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.kill();
+        if let Some(mut cgroup) = self.cgroup.take() {
+            cgroup.remove();
+        }
         remove_state(&self.dir);
     }
 }

@@ -17,6 +17,8 @@
 //! memory_mib = 256        # the pod's overhead is this plus the VMM (~10 MiB)
 //! console = "/var/log/microvm/console.log"   # the guest's serial console
 //! kernel_params = ""
+//! jail = true             # confine the VMM (namespaces, root, capabilities)
+//! seccomp = true          # the VMM's per-thread system call allow-lists
 //!
 //! [agent]
 //! timeout_secs = 30       # how long the guest agent may take to answer
@@ -64,6 +66,8 @@ pub struct Hypervisor {
     pub memory_mib: Option<u32>,
     pub console: Option<PathBuf>,
     pub kernel_params: Option<String>,
+    pub jail: Option<bool>,
+    pub seccomp: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +157,12 @@ pub fn sandbox_config(option: Option<&Path>) -> Result<SandboxConfig, String> {
     config.console = h.console.or(config.console);
     if let Some(params) = h.kernel_params {
         config.extra_cmdline = params;
+    }
+    if let Some(jail) = h.jail {
+        config.jail = jail;
+    }
+    if h.seccomp == Some(false) {
+        config.seccomp = crate::config::Seccomp::Off;
     }
     if let Some(secs) = file.agent.timeout_secs {
         config.agent_timeout = Duration::from_secs(secs);

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! microvm run [--cpus N] [--memory MIB] [--kernel PATH] [--initrd PATH]
-//!             [--console FILE|-] [--kernel-cmdline EXTRA]
+//!             [--console FILE|-] [--kernel-cmdline EXTRA] [--seccomp on|off]
 //!             [--rootfs DIR | --image PATH] [-e KEY=VALUE]... [-w DIR] [-u UID[:GID]] [-t]
 //!             [--read-only] [--hostname NAME] [--guest [--share HOSTDIR]]
 //!             [--net [--net-subnet CIDR]] -- CMD [ARGS...]
@@ -40,7 +40,7 @@ use runtime::oci::{self, ContainerOptions};
 use runtime::sandbox::{Sandbox, GUEST_SHARED_DIR, SHARED_FS_TAG};
 
 const USAGE: &str = "usage: microvm run [--cpus N] [--memory MIB] [--kernel PATH] [--initrd PATH] \
-[--console FILE|-] [--kernel-cmdline EXTRA] [--rootfs DIR | --image PATH] [-e KEY=VALUE]... [-w DIR] \
+[--console FILE|-] [--kernel-cmdline EXTRA] [--seccomp on|off] [--rootfs DIR | --image PATH] [-e KEY=VALUE]... [-w DIR] \
 [-u UID[:GID]] [-t] [--read-only] [--hostname NAME] [--guest [--share HOSTDIR]] \
 [--net [--net-subnet CIDR]] -- CMD [ARGS...]
        microvm run [VM options] --bundle DIR
@@ -80,6 +80,7 @@ struct VmFlags {
     memory: Option<u32>,
     console: Option<PathBuf>,
     extra_cmdline: String,
+    seccomp: Option<runtime::config::Seccomp>,
 }
 
 impl VmFlags {
@@ -104,6 +105,10 @@ impl VmFlags {
             }
             "--console" => self.console = Some(PathBuf::from(value()?)),
             "--kernel-cmdline" => self.extra_cmdline = value()?,
+            "--seccomp" => {
+                let text = value()?;
+                self.seccomp = Some(text.parse().map_err(anyhow::Error::msg)?);
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -125,6 +130,9 @@ impl VmFlags {
             }
         });
         config.extra_cmdline = self.extra_cmdline;
+        if let Some(seccomp) = self.seccomp {
+            config.seccomp = seccomp;
+        }
         Ok(config)
     }
 }
@@ -421,6 +429,9 @@ fn run(mut options: RunOptions) -> Result<u8> {
             }
         }
     }
+    // From here on a SIGTERM goes to the command (once it runs) and the
+    // VM is torn down as usual, whenever it came.
+    let signals = guest_command::catch_signals(launch.terminal())?;
     let mut sandbox = Sandbox::start(&options.config)?;
     let stream = sandbox.connect_agent(options.config.agent_timeout)?;
     let outcome = guest_command::run_with_network(
@@ -428,6 +439,7 @@ fn run(mut options: RunOptions) -> Result<u8> {
         &launch,
         &mut sandbox,
         network.as_mut().map(|n| &*n.pod()),
+        signals,
     );
     let code = match outcome {
         Ok(outcome) => report(outcome),

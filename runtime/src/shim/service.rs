@@ -54,12 +54,21 @@ impl containerd_shim::Shim for KataShim {
     fn delete_shim(&mut self) -> containerd_shim::Result<api::DeleteResponse> {
         // The shim died: unmount what it mounted for this container, and
         // the pod's state if this was the pod's own container.
-        let pod_id = spec::read(Path::new("."))
-            .map(|s| spec::pod_id(&s, &self.id))
+        let spec = spec::read(Path::new("."));
+        let pod_id = spec
+            .as_ref()
+            .map(|s| spec::pod_id(s, &self.id))
             .unwrap_or_else(|_| self.id.clone());
         let dir = state_dir(&self.namespace, &pod_id);
         mounts::unmount_and_remove(&dir.join("shared").join(&self.id));
         if pod_id == self.id {
+            // The VMM's cgroup, as `Sandbox::start` chose it.
+            let cgroup = spec
+                .as_ref()
+                .ok()
+                .and_then(spec::cgroups_path)
+                .unwrap_or_else(|| crate::cgroup::VmmCgroup::default_path(&pod_id));
+            crate::cgroup::remove_leftover(&cgroup);
             remove_state(&dir);
             remove_dead_socket(&containerd_shim::socket_address(
                 &self.address,
@@ -200,6 +209,9 @@ impl TaskService {
                 config.cpus
             );
         }
+        // The VMM runs in the sandbox's cgroup (as Kata's
+        // sandbox_cgroup_only): kubelet's accounting of the pod sees it.
+        config.cgroup_path = spec::cgroups_path(spec);
         let hostname = spec["hostname"].as_str().unwrap_or_default();
         // The netns is complete when the sandbox task is created: CRI runs
         // CNI ADD before it.

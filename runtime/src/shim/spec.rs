@@ -39,6 +39,15 @@ pub fn read(bundle: &Path) -> Result<Value, SpecError> {
     Ok(spec)
 }
 
+/// The sandbox's `linux.cgroupsPath`, if it names one: the VMM's cgroup
+/// (as Kata's `sandbox_cgroup_only`).
+pub fn cgroups_path(spec: &Value) -> Option<String> {
+    spec["linux"]["cgroupsPath"]
+        .as_str()
+        .filter(|path| !path.is_empty())
+        .map(String::from)
+}
+
 /// The pod a container belongs to, by Kata's rule: a CRI container
 /// (`container-type=container`) belongs to its `sandbox-id`; a CRI sandbox
 /// or a container without annotations (`ctr run`) is its own pod.
