@@ -127,6 +127,9 @@ fn main() -> Result<()> {
         }
         println!();
     }
+    if shim.is_some() {
+        jail_on_off(&cd, runs, &mut errors);
+    }
     if let Some(file) = keep_log {
         let log = cd.log()?;
         std::fs::write(&file, log)
@@ -162,6 +165,62 @@ fn kill_to_exit(cd: &Containerd, runtime: &str, runs: usize) -> Result<Vec<f64>>
         id = cd.id(&format!("kill-{}", runtime.replace('.', "-"))),
     );
     timed_script(cd, &script, "killing tasks")
+}
+
+/// `ctr run --rm … /bin/true` with our shim, the VMM jailed and filtered
+/// (the default) and not (`--runtime-config-path` to a configuration with
+/// `jail = false`, `seccomp = false`), alternating run by run in the same
+/// containerd so both see the same load.
+fn jail_on_off(cd: &Containerd, runs: usize, errors: &mut Vec<String>) {
+    let script = format!(
+        "set -e; off=/tmp/microvm-bench-unjailed.toml; \
+         printf '[hypervisor]\\njail = false\\nseccomp = false\\n' > $off; \
+         for i in $(seq 0 {runs}); do \
+           a=$(date +%s%N); $CTR run --rm --runtime {KATA_RUNTIME} $IMAGE {id}-on-$i /bin/true; \
+           b=$(date +%s%N); [ $i = 0 ] || echo on $((b - a)); \
+           a=$(date +%s%N); $CTR run --rm --runtime {KATA_RUNTIME} --runtime-config-path $off \
+             $IMAGE {id}-off-$i /bin/true; \
+           b=$(date +%s%N); [ $i = 0 ] || echo off $((b - a)); done",
+        id = cd.id("jail"),
+    );
+    println!("\nctr run --rm IMAGE /bin/true with our shim, {runs} runs each, alternating:");
+    let out = match cd.sh(&script, b"", SCRIPT_TIMEOUT) {
+        Ok(out) if out.status.success() => out.stdout_text(),
+        Ok(out) => {
+            errors.push(format!(
+                "jail on/off failed ({:?}): {}",
+                out.status,
+                out.stderr_text().trim()
+            ));
+            return;
+        }
+        Err(e) => {
+            errors.push(format!("jail on/off: {e:#}"));
+            return;
+        }
+    };
+    let samples = |tag: &str| -> Vec<f64> {
+        out.lines()
+            .filter_map(|l| l.strip_prefix(tag))
+            .filter_map(|ns| ns.trim().parse::<f64>().ok())
+            .map(|ns| ns / 1e9)
+            .collect()
+    };
+    let (mut on, mut off) = (samples("on "), samples("off "));
+    let (_, on_med, _) = min_med_max(&mut on);
+    let (_, off_med, _) = min_med_max(&mut off);
+    for (label, samples) in [
+        ("jail + seccomp on (default)", &mut on),
+        ("jail + seccomp off", &mut off),
+    ] {
+        let (a, b, c) = min_med_max(samples);
+        println!("{label:<44} {:>26}", format!("{a:.3} / {b:.3} / {c:.3}"));
+    }
+    println!(
+        "{:<44} {:>26}",
+        "median on / off",
+        format!("{:+.1} %", (on_med / off_med - 1.0) * 100.0)
+    );
 }
 
 /// Runs `script`, which prints `took NANOSECONDS` per measured run: the

@@ -70,19 +70,45 @@ fn main() -> Result<()> {
     row("microvm-vmm (ours)", &mut ours, &mut ours_guest);
     row("baseline: QEMU 7.2 -M microvm", &mut qemu, &mut qemu_guest);
 
-    println!("\n2. `microvm run -- true` end to end, {runs} runs:");
-    let mut walls = Vec::new();
-    for _ in 0..runs {
-        let out = host.run(&[&microvm, "run", "--", "true"], b"", TIMEOUT)?;
-        if out.status != ExitStatus::Code(0) {
-            bail!("microvm run -- true failed: {}", out.stderr_text());
-        }
-        walls.push(out.elapsed.as_secs_f64());
-    }
-    let (min, med, max) = min_med_max(&mut walls);
     println!(
-        "{:<36} {min:>6.2} {med:>6.2} {max:>6.2} s",
-        "microvm run -- true"
+        "\n2. `microvm run -- true` end to end, {runs} runs each, the VMM jailed and \
+         filtered (the default) or not, alternating:"
+    );
+    let (mut jailed, mut unjailed) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        for (env, walls) in [
+            ("MICROVM_JAIL=on", &mut jailed),
+            ("MICROVM_JAIL=off", &mut unjailed),
+        ] {
+            let seccomp = if env.ends_with("off") {
+                "MICROVM_SECCOMP=off"
+            } else {
+                "MICROVM_SECCOMP=on"
+            };
+            let out = host.run(
+                &["env", env, seccomp, &microvm, "run", "--", "true"],
+                b"",
+                TIMEOUT,
+            )?;
+            if out.status != ExitStatus::Code(0) {
+                bail!("{env} microvm run -- true failed: {}", out.stderr_text());
+            }
+            walls.push(out.elapsed.as_secs_f64());
+        }
+    }
+    let (_, jailed_med, _) = min_med_max(&mut jailed);
+    let (_, unjailed_med, _) = min_med_max(&mut unjailed);
+    for (label, walls) in [
+        ("microvm run -- true (jail on)", &mut jailed),
+        ("microvm run -- true (jail off)", &mut unjailed),
+    ] {
+        let (min, med, max) = min_med_max(walls);
+        println!("{label:<36} {min:>6.2} {med:>6.2} {max:>6.2} s");
+    }
+    println!(
+        "{:<36} {:+.1} %",
+        "median jail on / off",
+        (jailed_med / unjailed_med - 1.0) * 100.0
     );
 
     println!("\n3. resident memory of the VMM process, idle guest, 128 MiB guest RAM:");
@@ -90,6 +116,14 @@ fn main() -> Result<()> {
     let ours_rss = idle_rss(
         host,
         &format!("{vmm} --kernel {kernel} --initrd {initramfs} --memory 128 --cmdline '{idle}'"),
+    )?;
+    // Jailed: the VMM proper and its supervisor, both counted.
+    let jailed_rss = idle_rss(
+        host,
+        &format!(
+            "jail=$(mktemp -d); {vmm} --jail $jail --kernel {kernel} --initrd {initramfs} \
+             --memory 128 --cmdline '{idle}'"
+        ),
     )?;
     let qemu_rss = idle_rss(
         host,
@@ -100,6 +134,10 @@ fn main() -> Result<()> {
         ),
     )?;
     println!("{:<36} {:>8} KiB", "microvm-vmm (ours)", ours_rss);
+    println!(
+        "{:<36} {:>8} KiB",
+        "microvm-vmm --jail (+ supervisor)", jailed_rss
+    );
     println!(
         "{:<36} {:>8} KiB",
         "baseline: QEMU 7.2 -M microvm", qemu_rss
@@ -120,17 +158,23 @@ fn row(name: &str, walls: &mut [f64], guest: &mut [f64]) {
     println!("{name:<36} {min:>6.2} {med:>6.2} {max:>6.2}  {guest_med:>19.0}");
 }
 
-/// Starts `command` in the background, lets its guest settle, reads its
-/// VmRSS, and kills it.
+/// Starts `command` in the background, lets its guest settle, reads the
+/// VmRSS of it and its children (a jailed VMM's supervisor and the VMM
+/// proper), and kills it.
 fn idle_rss(host: &VmHost, command: &str) -> Result<u64> {
     let script = format!(
         "{command} >/dev/null 2>&1 & pid=$!; sleep 8; \
-         grep VmRSS /proc/$pid/status; kill -9 $pid; wait $pid 2>/dev/null; true"
+         for p in $pid $(cat /proc/$pid/task/$pid/children); do grep VmRSS /proc/$p/status; done; \
+         kill -9 $pid; wait $pid 2>/dev/null; true"
     );
     let out = host.run(&["sh", "-c", &script], b"", TIMEOUT)?;
     let text = out.stdout_text();
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|kib| kib.parse().ok())
-        .with_context(|| format!("no VmRSS for `{command}`: {text} {}", out.stderr_text()))
+    let kib: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    if kib.is_empty() {
+        bail!("no VmRSS for `{command}`: {text} {}", out.stderr_text());
+    }
+    Ok(kib.iter().sum())
 }
