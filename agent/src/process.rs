@@ -300,11 +300,20 @@ impl ProcessTable {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: setsid is async-signal-safe and touches no memory; the new
-        // session keeps the host's signals for this process and its children.
+        // SAFETY: setsid and sigprocmask are async-signal-safe and touch no
+        // memory but a local set; the new session keeps the host's signals
+        // for this process and its children, and the empty mask undoes the
+        // reaper's blocked SIGCHLD, which execve would pass on (a shell's
+        // `wait` then waited for ever).
         unsafe {
             command.pre_exec(|| {
                 nix::unistd::setsid().map_err(io::Error::from)?;
+                nix::sys::signal::sigprocmask(
+                    nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                    Some(&nix::sys::signal::SigSet::empty()),
+                    None,
+                )
+                .map_err(io::Error::from)?;
                 Ok(())
             });
         }

@@ -483,3 +483,20 @@ fn net_leaves_no_link_when_microvm_is_killed() {
         out.stderr_text()
     );
 }
+
+/// A command starts as under runc: no signal blocked or ignored (the
+/// agent blocks SIGCHLD for its reaper and Rust ignores SIGPIPE; neither
+/// may leak), so a shell's `wait` for a background job returns.
+#[test]
+fn the_command_starts_with_default_signals() {
+    let probe = "grep -E '^Sig(Blk|Ign):' /proc/self/status; sleep 1 & wait; echo waited";
+    for flags in [&[][..], &["--guest"][..]] {
+        let out = run(flags, &["sh", "-c", probe], b"");
+        assert_eq!(
+            out.stdout_text(),
+            "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\nwaited\n",
+            "{flags:?}: {}",
+            out.stderr_text()
+        );
+    }
+}

@@ -199,6 +199,8 @@ fn finish_and_exec(
     seccomp: Option<&LinuxSeccomp>,
 ) -> Result<Infallible, ContainerError> {
     let no_new_privs = process.no_new_privileges() == Some(true);
+    // Before any seccomp filter, which may not allow it.
+    reset_signals()?;
     let filter = seccomp.map(seccomp::compile).transpose()?;
     // Without no_new_privs, loading a filter needs CAP_SYS_ADMIN: do it
     // while we still have it (as runc does).
@@ -252,6 +254,24 @@ fn finish_and_exec(
         }
     }
     exec(process.args().as_deref().unwrap_or_default(), &env)
+}
+
+/// The container's process starts as runc starts it: no signal blocked,
+/// every disposition the default. This setup process is a Rust program
+/// (its runtime ignores SIGPIPE) started by the agent (which blocks
+/// SIGCHLD for its reaper), and a mask and ignored signals survive
+/// execve: a shell's `wait` for a background job then waited for ever,
+/// and `yes | head` got EPIPE instead of SIGPIPE.
+fn reset_signals() -> Result<(), ContainerError> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for signal in Signal::iterator().filter(|s| !matches!(s, Signal::SIGKILL | Signal::SIGSTOP)) {
+        // SAFETY: installing the default disposition runs no code of ours.
+        unsafe { sigaction(signal, &default) }
+            .map_err(|e| setup_error(format!("resetting {signal}: {e}")))?;
+    }
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(|e| setup_error(format!("unblocking signals: {e}")))
 }
 
 fn set_bounding(capabilities: &LinuxCapabilities) -> Result<(), ContainerError> {
