@@ -22,9 +22,10 @@ fn microvm() -> String {
 
 const TIMEOUT: Duration = Duration::from_secs(400);
 
-/// The capabilities of a virtio-fs thread (CHOWN, DAC_OVERRIDE, FOWNER,
-/// FSETID, SETGID, SETUID, SETFCAP), as /proc shows them.
-const FS_CAPS: &str = "00000000800000db";
+/// The capabilities of a virtio-fs thread (CHOWN, DAC_OVERRIDE,
+/// DAC_READ_SEARCH, FOWNER, FSETID, SETGID, SETUID, SETFCAP), as /proc
+/// shows them.
+const FS_CAPS: &str = "00000000800000df";
 const NO_CAPS: &str = "0000000000000000";
 
 /// A shell function: `probe MARKER` waits for the jailed VMM whose command

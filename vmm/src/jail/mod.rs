@@ -77,12 +77,15 @@ static KEPT_CAPS: OnceLock<caps::CapsHashSet> = OnceLock::new();
 /// share: take on their credentials per request (SETUID, SETGID), create
 /// files owned by them (CHOWN), reach and change files whatever their mode
 /// and owner, as the guest's root may (DAC_OVERRIDE, FOWNER), keep setgid
-/// bits and file capabilities the guest sets (FSETID, SETFCAP). Not
-/// DAC_READ_SEARCH (no file handles), MKNOD (no device nodes on the host),
-/// SYS_ADMIN, or anything else.
-pub const FS_CAPS: [caps::Capability; 7] = [
+/// bits and file capabilities the guest sets (FSETID, SETFCAP), and make
+/// hard links (the server links by descriptor, `linkat(fd, "",
+/// AT_EMPTY_PATH)`, which the kernel allows only with DAC_READ_SEARCH; its
+/// danger, `open_by_handle_at`, is on no seccomp list). Not MKNOD (no
+/// device nodes on the host), SYS_ADMIN, or anything else.
+pub const FS_CAPS: [caps::Capability; 8] = [
     caps::Capability::CAP_CHOWN,
     caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_DAC_READ_SEARCH,
     caps::Capability::CAP_FOWNER,
     caps::Capability::CAP_FSETID,
     caps::Capability::CAP_SETUID,

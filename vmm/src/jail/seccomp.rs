@@ -515,6 +515,8 @@ mod tests {
                 libc::SYS_ptrace,
                 libc::SYS_mount,
                 libc::SYS_getppid,
+                libc::SYS_open_by_handle_at,
+                libc::SYS_name_to_handle_at,
             ] {
                 assert!(!rules.contains_key(&call), "{kind:?} allows {call}");
             }
