@@ -34,30 +34,33 @@ fn main() -> Result<()> {
         "{:<36} {:>22} {:>20}",
         "VMM", "wall min/med/max (s)", "guest boot med (ms)"
     );
-    let mut ours = Vec::new();
-    let mut ours_guest = Vec::new();
+    let (mut ours, mut ours_guest) = (Vec::new(), Vec::new());
+    let (mut jailed_boot, mut jailed_guest) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        let argv = [
-            vmm.as_str(),
-            "--kernel",
-            &kernel,
-            "--initrd",
-            &probe,
-            "--console",
-            "stdout",
-            "--cmdline",
-            "quiet",
-        ];
-        let out = host.run(&argv, b"", TIMEOUT)?;
-        let text = out.stdout_text();
-        let Some(line) = text.lines().find(|l| l.contains(MARKER)) else {
-            bail!(
-                "microvm-vmm did not boot to the marker: {}",
-                out.stderr_text()
+        // Alternating: without the jail (seccomp on), then jailed.
+        for (jail, walls, guest) in [
+            (false, &mut ours, &mut ours_guest),
+            (true, &mut jailed_boot, &mut jailed_guest),
+        ] {
+            let args = format!(
+                "{vmm} --kernel {kernel} --initrd {probe} --console stdout --cmdline quiet"
             );
-        };
-        ours.push(out.elapsed.as_secs_f64());
-        ours_guest.push(guest_ms(line));
+            let command = if jail {
+                format!("j=$(mktemp -d); {args} --jail $j; s=$?; rmdir $j; exit $s")
+            } else {
+                args
+            };
+            let out = host.run(&["sh", "-c", &command], b"", TIMEOUT)?;
+            let text = out.stdout_text();
+            let Some(line) = text.lines().find(|l| l.contains(MARKER)) else {
+                bail!(
+                    "microvm-vmm (jail {jail}) did not boot to the marker: {}",
+                    out.stderr_text()
+                );
+            };
+            walls.push(out.elapsed.as_secs_f64());
+            guest.push(guest_ms(line));
+        }
     }
     let mut qemu = Vec::new();
     let mut qemu_guest = Vec::new();
@@ -68,30 +71,43 @@ fn main() -> Result<()> {
         qemu_guest.push(boot.guest_boot_ms as f64);
     }
     row("microvm-vmm (ours)", &mut ours, &mut ours_guest);
+    row(
+        "microvm-vmm --jail (ours)",
+        &mut jailed_boot,
+        &mut jailed_guest,
+    );
     row("baseline: QEMU 7.2 -M microvm", &mut qemu, &mut qemu_guest);
 
     println!(
         "\n2. `microvm run -- true` end to end, {runs} runs each, the VMM jailed and \
-         filtered (the default) or not, alternating:"
+         filtered (the default), jailed only, or neither, alternating:"
     );
-    let (mut jailed, mut unjailed) = (Vec::new(), Vec::new());
+    let (mut jailed, mut jail_only, mut unjailed) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
-        for (env, walls) in [
-            ("MICROVM_JAIL=on", &mut jailed),
-            ("MICROVM_JAIL=off", &mut unjailed),
+        for (jail, seccomp, walls) in [
+            ("on", "on", &mut jailed),
+            ("on", "off", &mut jail_only),
+            ("off", "off", &mut unjailed),
         ] {
-            let seccomp = if env.ends_with("off") {
-                "MICROVM_SECCOMP=off"
-            } else {
-                "MICROVM_SECCOMP=on"
-            };
-            let out = host.run(
-                &["env", env, seccomp, &microvm, "run", "--", "true"],
-                b"",
-                TIMEOUT,
-            )?;
+            let (jail_var, seccomp_var) = (
+                format!("MICROVM_JAIL={jail}"),
+                format!("MICROVM_SECCOMP={seccomp}"),
+            );
+            let argv = [
+                "env",
+                &jail_var,
+                &seccomp_var,
+                &microvm,
+                "run",
+                "--",
+                "true",
+            ];
+            let out = host.run(&argv, b"", TIMEOUT)?;
             if out.status != ExitStatus::Code(0) {
-                bail!("{env} microvm run -- true failed: {}", out.stderr_text());
+                bail!(
+                    "jail {jail}, seccomp {seccomp}: microvm run -- true failed: {}",
+                    out.stderr_text()
+                );
             }
             walls.push(out.elapsed.as_secs_f64());
         }
@@ -100,6 +116,7 @@ fn main() -> Result<()> {
     let (_, unjailed_med, _) = min_med_max(&mut unjailed);
     for (label, walls) in [
         ("microvm run -- true (jail on)", &mut jailed),
+        ("  jail on, seccomp off", &mut jail_only),
         ("microvm run -- true (jail off)", &mut unjailed),
     ] {
         let (min, med, max) = min_med_max(walls);
