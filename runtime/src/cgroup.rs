@@ -240,6 +240,11 @@ impl VmmCgroup {
     /// idempotent otherwise. `Drop` calls it.
     pub fn remove(&mut self) {
         let deadline = Instant::now() + REMOVE_TIMEOUT;
+        // What is still in a cgroup we made is the VMM's (its children,
+        // a test's stand-in's): it would keep the directory busy forever.
+        for leaf in self.paths.iter().filter(|dir| self.created.contains(dir)) {
+            kill_all(leaf);
+        }
         let mut kept = Vec::new();
         while let Some(dir) = self.created.pop() {
             if !remove_dir(&dir, deadline) {
@@ -269,14 +274,7 @@ pub fn remove_leftover(cgroups_path: &str) {
     for root in roots {
         let mut dir = root;
         dir.extend(relative_components(&path));
-        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-        {
-            // SAFETY: kill with integer arguments.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+        kill_all(&dir);
         if !remove_dir(&dir, deadline) {
             tracing::warn!("a dead sandbox's cgroup {} stays", dir.display());
         }
@@ -291,6 +289,19 @@ impl Drop for VmmCgroup {
 
 /// `rmdir` of a cgroup directory we created, retried on EBUSY (processes
 /// still leaving it) until `deadline`. Whether it is gone.
+/// Sends SIGKILL to every process in the cgroup directory `dir`.
+fn kill_all(dir: &Path) {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        tracing::debug!("killing process {pid}, left in cgroup {}", dir.display());
+        // SAFETY: kill with integer arguments.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
 fn remove_dir(dir: &Path, deadline: Instant) -> bool {
     loop {
         // A child cgroup (another sandbox's, under a parent we made) also
@@ -757,6 +768,26 @@ mod tests {
         }
         assert!(cgroup.created.is_empty());
         cgroup.remove();
+    }
+
+    #[test]
+    fn what_is_left_in_a_cgroup_we_made_is_killed_on_removal() {
+        require_root();
+        let root = test_root();
+        let mut cgroup = create(&format!("{root}/vmm"));
+        let created = cgroup.created.clone();
+        // A VMM's child that outlived it.
+        let mut left = sleeper(Some(cgroup.joiner().expect("opening cgroup.procs")));
+        cgroup.remove();
+        let status = left.wait().expect("waiting for sleep");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "{status}"
+        );
+        for dir in &created {
+            assert!(!dir.exists(), "{} is left", dir.display());
+        }
     }
 
     #[test]

@@ -8,14 +8,16 @@
 //! 3. resident memory of an idle guest's VMM process (the same kernel and
 //!    initramfs idling in `sleep`, 128 MiB of guest RAM): ours vs QEMU.
 //!
-//! `MICROVM_BENCH_RUNS` sets the number of runs (default 10).
+//! `MICROVM_BENCH_RUNS` sets the number of runs (default 10). It runs the
+//! release builds when there are (`cargo build --release --bins`), else the
+//! debug ones, and prints which.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use microvm_tests::bench::{min_med_max, runs, BenchHost};
 use microvm_tests::probe::{boot_probe, MARKER};
-use microvm_tests::{artifact, workspace_binary, ExitStatus, VmHost};
+use microvm_tests::{artifact, bench_binary, ExitStatus, VmHost};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -24,8 +26,11 @@ fn main() -> Result<()> {
     let kernel = artifact("vmlinux")?.display().to_string();
     let probe = artifact("probe-initramfs.cpio")?.display().to_string();
     let initramfs = artifact("microvm-initramfs.cpio")?.display().to_string();
-    let vmm = workspace_binary("microvm-vmm")?.display().to_string();
-    let microvm = workspace_binary("microvm")?.display().to_string();
+    // Release builds when there are (`cargo build --release --bins`): a
+    // debug VMM spends much of its start in unoptimised setup code.
+    let vmm = bench_binary("microvm-vmm")?.display().to_string();
+    let microvm = bench_binary("microvm")?.display().to_string();
+    println!("binaries: {vmm}, {microvm}");
     let bench_host = BenchHost::start()?;
     let host = &bench_host.host;
 

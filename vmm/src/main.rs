@@ -135,6 +135,13 @@ fn parse(args: &[String]) -> Result<(VmConfig, Confinement)> {
 
 /// Parses, confines (as far as can be done before the VM is built), builds.
 fn build(args: &[String]) -> Result<Vm> {
+    let start = std::time::Instant::now();
+    let step = |what: &str| {
+        tracing::debug!(
+            "startup: {what} at {:.1} ms",
+            start.elapsed().as_secs_f64() * 1e3
+        )
+    };
     let (mut config, confinement) = parse(args)?;
     if confinement.jail.is_some() {
         if let Some(nic) = config
@@ -147,14 +154,20 @@ fn build(args: &[String]) -> Result<Vm> {
                  pass an open tap (--net fd=N,...)"
             );
         }
-        jail::split_pid_namespace(confinement.seccomp)?;
     }
     if confinement.seccomp == seccomp::Mode::Off {
         eprintln!(
             "microvm-vmm: warning: seccomp is off: the VMM's threads may make any system call"
         );
     }
+    // Every list compiled once, before the split: the supervisor inherits
+    // its own.
     seccomp::prepare(confinement.seccomp)?;
+    step("seccomp filters compiled");
+    if confinement.jail.is_some() {
+        jail::split_pid_namespace()?;
+        step("PID namespace split");
+    }
     let jail = match &confinement.jail {
         Some(root) => Some(jail::Jail::prepare(
             root,
@@ -163,9 +176,12 @@ fn build(args: &[String]) -> Result<Vm> {
         )?),
         None => None,
     };
+    step("jail prepared");
     let vm = Vm::build(&config)?;
+    step("VM built");
     if let Some(jail) = jail {
         jail.enter()?;
+        step("jail entered");
     }
     Ok(vm)
 }

@@ -375,6 +375,7 @@ impl Vm {
                         exit.signal(VmExit::Failed(protocols::error_chain(&e)));
                         return;
                     }
+                    tracing::debug!("startup: vcpu{index} confined, entering the guest");
                     vcpu::run(vcpu, index as u8, pio, mmio, exit)
                 });
             if let Err(e) = spawned {

@@ -3,11 +3,12 @@
 //! as little as it can.
 //!
 //! In the order `main` applies it:
-//! 1. [`split_pid_namespace`]: a new PID namespace; the VMM proper runs as
+//! 1. [`seccomp::prepare`]: `no_new_privs`, every thread kind's filter
+//!    compiled once (the supervisor's too: it inherits it at the split).
+//! 2. [`split_pid_namespace`]: a new PID namespace; the VMM proper runs as
 //!    its PID 1, the process the runtime started stays behind as a small
 //!    [`supervisor`] that passes the VMM's end on (and names the system
 //!    call when a seccomp filter killed it).
-//! 2. [`seccomp::prepare`]: `no_new_privs`, the filters compiled.
 //! 3. [`Jail::prepare`]: new mount, network (empty: taps come open), IPC
 //!    and UTS namespaces for the whole process. In the mount namespace, the
 //!    future root (a small tmpfs) holds only the shares (`/fs/N`), a

@@ -200,20 +200,6 @@ pub fn list_sizes() -> Vec<(ThreadKind, usize)> {
         .collect()
 }
 
-/// Confines the supervisor (which never calls [`prepare`]) to its list,
-/// unless `mode` is off.
-pub fn install_supervisor(mode: Mode) -> Result<(), SeccompError> {
-    let on_mismatch = match mode {
-        Mode::Off => return Ok(()),
-        Mode::Kill => SeccompAction::KillProcess,
-        Mode::Log => SeccompAction::Log,
-    };
-    set_no_new_privs()?;
-    let program = compile(ThreadKind::Supervisor, on_mismatch)?;
-    seccompiler::apply_filter(&program)
-        .map_err(|e| SeccompError::Install(ThreadKind::Supervisor.name(), e))
-}
-
 fn compile(kind: ThreadKind, on_mismatch: SeccompAction) -> Result<BpfProgram, SeccompError> {
     let filter = SeccompFilter::new(
         rules(kind),

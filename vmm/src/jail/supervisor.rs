@@ -17,7 +17,7 @@ use super::{check, JailError};
 
 /// Step 1 of the jail. Returns in the VMM proper (PID 1 of a new PID
 /// namespace); in the supervisor it never returns.
-pub fn split_pid_namespace(seccomp: super::seccomp::Mode) -> Result<(), JailError> {
+pub fn split_pid_namespace() -> Result<(), JailError> {
     // The kernel's log from now on (reading it needs privileges we drop).
     let kmsg = std::fs::OpenOptions::new()
         .read(true)
@@ -73,7 +73,7 @@ pub fn split_pid_namespace(seccomp: super::seccomp::Mode) -> Result<(), JailErro
         return Ok(());
     }
     drop(alive_read);
-    supervise(pid, kmsg, alive_write, seccomp)
+    supervise(pid, kmsg, alive_write)
 }
 
 /// Small helper so the open above reads as one expression.
@@ -88,12 +88,7 @@ impl NonBlocking for std::fs::OpenOptions {
     }
 }
 
-fn supervise(
-    vmm: libc::pid_t,
-    kmsg: Option<std::fs::File>,
-    alive: OwnedFd,
-    seccomp: super::seccomp::Mode,
-) -> ! {
+fn supervise(vmm: libc::pid_t, kmsg: Option<std::fs::File>, alive: OwnedFd) -> ! {
     // Nothing the runtime passed on for the VMM (taps) stays open here.
     let mut keep = vec![alive.as_raw_fd()];
     keep.extend(kmsg.as_ref().map(|k| k.as_raw_fd()));
@@ -102,7 +97,8 @@ fn supervise(
     if let Err(e) = super::drop_caps(&caps::CapsHashSet::new()) {
         eprintln!("microvm-vmm: supervisor: {}", protocols::error_chain(&e));
     }
-    if let Err(e) = super::seccomp::install_supervisor(seccomp) {
+    // Its program was compiled before the split (`seccomp::prepare`).
+    if let Err(e) = super::seccomp::install(super::seccomp::ThreadKind::Supervisor) {
         eprintln!("microvm-vmm: supervisor: {}", protocols::error_chain(&e));
     }
     let mut status = 0;
