@@ -27,6 +27,8 @@ pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// First GSI handed to virtio devices (the legacy ISA ones are below).
 pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// virtio-mmio slots: one IRQ each, up to the IOAPIC's last pin (23).
+pub const VIRTIO_MMIO_SLOTS: u64 = 24 - VIRTIO_FIRST_IRQ as u64;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const APIC_ADDR: u32 = 0xfee0_0000;
 /// KVM needs three pages for the TSS and one for the identity map, in the

@@ -6,22 +6,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::{MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{mptable, regs, ArchError};
 use crate::boot::{self, BootError};
-use crate::devices::bus::{Bus, BusDevice};
+use crate::devices::bus::Bus;
 use crate::devices::i8042::I8042;
+use crate::devices::manager::{AttachError, EventLoop, MmioDevices};
 use crate::devices::serial::SerialConsole;
 use crate::devices::virtio::fs::Fs;
-use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, NetConfig, TapSource};
 use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::VirtioDevice;
 use crate::jail::{self, ThreadKind};
 use crate::kvm::{self, KvmError};
 use crate::layout;
@@ -114,6 +113,8 @@ pub enum VmError {
         #[source]
         error: crate::devices::virtio::net::NetError,
     },
+    #[error(transparent)]
+    Attach(#[from] AttachError),
     #[error("tap fd {0} is given to more than one NIC")]
     DuplicateTapFd(i32),
     #[error("cannot open console file {path}")]
@@ -170,7 +171,7 @@ pub struct Vm {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
-    events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    events: EventLoop,
     reset: EventFd,
     /// Kept alive: KVM's memory slots point into it.
     _memory: GuestMemoryMmap,
@@ -246,13 +247,10 @@ impl Vm {
         let exit = Arc::new(ExitSignal::new().map_err(device_err("the exit event"))?);
         let mut pio = Bus::default();
         let mut mmio = Bus::default();
-        let mut events =
-            EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().map_err(|e| {
-                VmError::Device {
-                    what: "the event loop",
-                    source: format!("{e:?}").into(),
-                }
-            })?;
+        let mut events = EventLoop::new().map_err(|e| VmError::Device {
+            what: "the event loop",
+            source: format!("{e:?}").into(),
+        })?;
 
         // Serial console on COM1.
         let serial_irq =
@@ -283,8 +281,8 @@ impl Vm {
             cmdline.push_str(" quiet");
         }
 
-        // virtio-mmio devices.
-        let mut virtio_slot = 0u64;
+        // virtio-mmio devices, in this order (the guest numbers them so).
+        let mut devices = MmioDevices::new(&vm, &memory);
         let mut vsock_path = None;
         if let Some(vsock) = &config.vsock {
             let mut device = Vsock::new(vsock.guest_cid, vsock.uds_path.clone())
@@ -292,11 +290,7 @@ impl Vm {
             if let Some(path) = &vsock.host_ports_path {
                 device.set_host_ports_path(path.clone());
             }
-            let device = Arc::new(Mutex::new(device));
-            let (base, irq) = attach_virtio(&vm, &memory, &mut mmio, device.clone(), virtio_slot)?;
-            events.add_subscriber(device);
-            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
-            virtio_slot += 1;
+            devices.attach_polled("vsock", device, &mut mmio, &mut events)?;
             vsock_path = Some(vsock.uds_path.clone());
         }
         if !config.fs.is_empty() {
@@ -311,21 +305,16 @@ impl Vm {
                 what: "the virtio-fs device",
                 source: Box::new(e),
             })?;
-            // Its own thread serves it; it needs nothing from the event loop.
-            let device = Arc::new(Mutex::new(device));
-            let (base, irq) = attach_virtio(&vm, &memory, &mut mmio, device, virtio_slot)?;
-            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
-            virtio_slot += 1;
+            devices.attach_threaded("virtio-fs", device, &mut mmio)?;
         }
         for (index, device) in nics.into_iter().enumerate() {
             tracing::debug!("virtio-net: NIC {index} on tap {}", device.tap_name());
-            let device = Arc::new(Mutex::new(device));
-            let (base, irq) = attach_virtio(&vm, &memory, &mut mmio, device.clone(), virtio_slot)?;
-            events.add_subscriber(device);
-            cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
-            virtio_slot += 1;
+            devices.attach_polled("virtio-net", device, &mut mmio, &mut events)?;
         }
-        let _ = virtio_slot;
+        for fragment in devices.cmdline() {
+            cmdline.push(' ');
+            cmdline.push_str(&fragment);
+        }
 
         if !config.extra_cmdline.is_empty() {
             cmdline.push(' ');
@@ -417,46 +406,6 @@ impl Vm {
             let _ = std::fs::remove_file(path);
         }
         result
-    }
-}
-
-/// Maps a virtio device's MMIO window, its notifications (ioeventfds) and its
-/// interrupt (irqfd). Returns the window's base and the IRQ.
-fn attach_virtio<D: VirtioDevice + 'static>(
-    vm: &VmFd,
-    memory: &GuestMemoryMmap,
-    mmio: &mut Bus,
-    device: Arc<Mutex<D>>,
-    slot: u64,
-) -> Result<(u64, u32), VmError> {
-    let base = layout::VIRTIO_MMIO_START + slot * layout::VIRTIO_MMIO_SIZE;
-    let irq = layout::VIRTIO_FIRST_IRQ + slot as u32;
-    {
-        let locked = device.lock().unwrap();
-        for (index, event) in locked.queue_events().iter().enumerate() {
-            vm.register_ioevent(event, &IoEventAddress::Mmio(base + 0x50), index as u32)
-                .map_err(kvm_setup("wiring a virtio queue notification"))?;
-        }
-        vm.register_irqfd(&locked.interrupt().event, irq)
-            .map_err(kvm_setup("wiring a virtio interrupt"))?;
-    }
-    let transport = MmioTransport::new(memory.clone(), device);
-    mmio.insert(
-        base,
-        layout::VIRTIO_MMIO_SIZE,
-        Arc::new(Mutex::new(transport)),
-    )
-    .map_err(device_err("a virtio-mmio window"))?;
-    Ok((base, irq))
-}
-
-impl BusDevice for MmioTransport {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        MmioTransport::read(self, offset, data)
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        MmioTransport::write(self, offset, data)
     }
 }
 
