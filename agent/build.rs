@@ -21,9 +21,10 @@ fn main() {
         .collect();
     entries.sort();
     for (name, number) in entries {
-        writeln!(table, "    ({name:?}, {number}),").unwrap();
+        writeln!(table, "    ({name:?}, {number}),").expect("writing to a String");
     }
     table.push_str("];\n");
-    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("syscalls.rs");
-    std::fs::write(out, table).unwrap();
+    let out =
+        PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("syscalls.rs");
+    std::fs::write(&out, table).unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
 }

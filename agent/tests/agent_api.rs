@@ -1,6 +1,9 @@
 //! The real `microvm-agent` binary on a Unix socket (not PID 1, so it mounts
 //! nothing), driven through the generated ttrpc client as the runtime does.
 
+// Test code: an unwrap is the assertion "this must not fail".
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command};

@@ -13,6 +13,8 @@ use std::os::unix::net::UnixStream;
 /// Messages of `proto/agent.proto`.
 #[allow(
     clippy::all,
+    clippy::unwrap_used,
+    clippy::undocumented_unsafe_blocks,
     dead_code,
     missing_docs,
     non_camel_case_types,
@@ -31,6 +33,8 @@ pub mod agent {
 /// (`AgentService`, `create_agent_service`).
 #[allow(
     clippy::all,
+    clippy::unwrap_used,
+    clippy::undocumented_unsafe_blocks,
     dead_code,
     missing_docs,
     non_camel_case_types,

@@ -1,6 +1,9 @@
 //! Image unpacking against images built here with the `tar` crate: layer
 //! semantics, refusal of hostile entries, verification, formats, the cache.
 
+// Test code: an unwrap is the assertion "this must not fail".
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};

@@ -3,6 +3,9 @@
 //! Both are Debian packages that scripts/setup.sh installs; a missing one
 //! fails these tests with the reason rather than skipping them.
 
+// Test code: an unwrap is the assertion "this must not fail".
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

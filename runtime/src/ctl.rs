@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -54,9 +54,10 @@ fn collect(client: &AgentServiceClient, container_id: &str, exec_id: &str, tty: 
             thread::spawn(move || loop {
                 let chunk = protocols::read_output(&client, &request, stderr);
                 match chunk {
-                    Ok(chunk) if !chunk.data.is_empty() => {
-                        output.lock().unwrap().extend_from_slice(&chunk.data)
-                    }
+                    Ok(chunk) if !chunk.data.is_empty() => output
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .extend_from_slice(&chunk.data),
                     _ => return,
                 }
             })
@@ -70,7 +71,7 @@ impl Collected {
         for pump in self.pumps {
             let _ = pump.join();
         }
-        std::mem::take(&mut *self.output.lock().unwrap())
+        std::mem::take(&mut *self.output.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 

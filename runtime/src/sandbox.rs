@@ -204,7 +204,7 @@ fn bind_in_own_namespace(mounts: &Binds) -> std::io::Result<()> {
         }
     };
     let ptr = |s: &Option<std::ffi::CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
-    // SAFETY (of the calls below): plain syscalls on C strings built before
+    // SAFETY: (of the calls below) plain syscalls on C strings built before
     // fork, which outlive them.
     unsafe {
         check(libc::unshare(libc::CLONE_NEWNS))?;

@@ -8,6 +8,9 @@
 //! for the failures only it sees; it is pointed at a KVM device that does
 //! not exist, so nothing here ever touches `/dev/kvm`.
 
+// Test code: an unwrap is the assertion "this must not fail".
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

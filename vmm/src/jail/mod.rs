@@ -154,7 +154,7 @@ impl Jail {
             return Err(JailError::BadRoot(root.to_path_buf()));
         }
         let root_c = c_path(root);
-        // SAFETY (of the calls in this function): plain system calls on C
+        // SAFETY: (of the calls in this function) plain system calls on C
         // strings that live across them.
         unsafe {
             // All of them now, before any other thread exists: a namespace
@@ -208,8 +208,8 @@ impl Jail {
         let bind = |source: &Path, target: &Path, flags: libc::c_ulong| {
             let (source_c, target_c) = (c_path(source), c_path(target));
             let recursive = if flags == 0 { libc::MS_REC } else { 0 };
-            // SAFETY: as above.
             check(
+                // SAFETY: as above.
                 unsafe {
                     libc::mount(
                         source_c.as_ptr(),
@@ -222,8 +222,8 @@ impl Jail {
                 || format!("binding {} into the jail", source.display()),
             )?;
             if flags != 0 {
-                // SAFETY: as above.
                 check(
+                    // SAFETY: as above.
                     unsafe {
                         libc::mount(
                             std::ptr::null(),
@@ -255,8 +255,8 @@ impl Jail {
             let proc_dir = root.join("proc");
             mkdir(&proc_dir)?;
             let proc_c = c_path(&proc_dir);
-            // SAFETY: as above.
             check(
+                // SAFETY: as above.
                 unsafe {
                     libc::mount(
                         c"proc".as_ptr(),
@@ -306,7 +306,7 @@ impl Jail {
     /// Step 5 (see the module): after everything is open, the new root.
     pub fn enter(self) -> Result<(), JailError> {
         let root_c = c_path(&self.root);
-        // SAFETY (of the calls below): plain system calls on C strings and
+        // SAFETY: (of the calls below) plain system calls on C strings and
         // structs that live across them.
         unsafe {
             check(libc::chdir(root_c.as_ptr()), || {

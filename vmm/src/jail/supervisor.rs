@@ -31,8 +31,8 @@ pub fn split_pid_namespace() -> Result<(), JailError> {
     // The VMM learns of a supervisor that died before it could ask to die
     // with it: the pipe's write end closes.
     let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two fds into the array we own.
     check(
+        // SAFETY: pipe2 writes two fds into the array we own.
         unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) },
         || "a pipe".into(),
     )?;
@@ -55,8 +55,8 @@ pub fn split_pid_namespace() -> Result<(), JailError> {
     if pid == 0 {
         drop(alive_write);
         drop(kmsg);
-        // SAFETY: prctl with integer arguments.
         check(
+            // SAFETY: prctl with integer arguments.
             unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) },
             || "tying the VMM to its supervisor".into(),
         )?;

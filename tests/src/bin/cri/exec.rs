@@ -728,6 +728,7 @@ fn terminal_size() -> Option<(u16, u16)> {
     [1, 0, 2].into_iter().find_map(|fd| {
         // SAFETY: TIOCGWINSZ fills the winsize it is given, nothing more.
         let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; `size` lives across the call.
         let ok = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) } == 0;
         (ok && size.ws_col > 0).then_some((size.ws_col, size.ws_row))
     })

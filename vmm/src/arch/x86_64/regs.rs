@@ -113,11 +113,8 @@ const APIC_MODE_NMI: u32 = 0x4;
 pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), ArchError> {
     let mut lapic = vcpu.get_lapic().map_err(kvm_err("reading the LAPIC"))?;
     for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
-        let bytes: Vec<u8> = lapic.regs[offset..offset + 4]
-            .iter()
-            .map(|b| *b as u8)
-            .collect();
-        let value = u32::from_le_bytes(bytes.try_into().unwrap());
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+        let value = u32::from_le_bytes(bytes);
         let value = (value & !0x700) | (mode << 8);
         for (dst, src) in lapic.regs[offset..offset + 4]
             .iter_mut()

@@ -80,25 +80,25 @@ fn make_in_new_netns(mtu: u32) -> io::Result<TestTap> {
     let control = unsafe { OwnedFd::from_raw_fd(control) };
     let mut ifreq = ifreq_for(TAP_NAME).expect("valid name");
     ifreq.ifr_ifru.ifru_mtu = mtu as libc::c_int;
-    // SAFETY: SIOCSIFMTU reads the ifreq, which lives across the call.
     os_check(
+        // SAFETY: SIOCSIFMTU reads the ifreq, which lives across the call.
         unsafe { libc::ioctl(control.as_raw_fd(), libc::SIOCSIFMTU, &mut ifreq) },
         "SIOCSIFMTU",
     )?;
-    // SAFETY: SIOCGIFFLAGS fills the ifreq's flags.
     os_check(
+        // SAFETY: SIOCGIFFLAGS fills the ifreq's flags.
         unsafe { libc::ioctl(control.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifreq) },
         "SIOCGIFFLAGS",
     )?;
     // SAFETY: SIOCGIFFLAGS set ifru_flags.
     unsafe { ifreq.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-    // SAFETY: SIOCSIFFLAGS reads the ifreq.
     os_check(
+        // SAFETY: SIOCSIFFLAGS reads the ifreq.
         unsafe { libc::ioctl(control.as_raw_fd(), libc::SIOCSIFFLAGS, &mut ifreq) },
         "SIOCSIFFLAGS",
     )?;
-    // SAFETY: SIOCGIFINDEX fills ifru_ifindex.
     os_check(
+        // SAFETY: SIOCGIFINDEX fills ifru_ifindex.
         unsafe { libc::ioctl(control.as_raw_fd(), libc::SIOCGIFINDEX, &mut ifreq) },
         "SIOCGIFINDEX",
     )?;
@@ -122,8 +122,8 @@ fn make_in_new_netns(mtu: u32) -> io::Result<TestTap> {
     address.sll_family = libc::AF_PACKET as u16;
     address.sll_protocol = protocol;
     address.sll_ifindex = ifindex;
-    // SAFETY: bind reads `address`, whose size we pass.
     os_check(
+        // SAFETY: bind reads `address`, whose size we pass.
         unsafe {
             libc::bind(
                 packet.as_raw_fd(),
@@ -137,8 +137,8 @@ fn make_in_new_netns(mtu: u32) -> io::Result<TestTap> {
         tv_sec: 5,
         tv_usec: 0,
     };
-    // SAFETY: SO_RCVTIMEO reads one timeval, whose size we pass.
     os_check(
+        // SAFETY: SO_RCVTIMEO reads one timeval, whose size we pass.
         unsafe {
             libc::setsockopt(
                 packet.as_raw_fd(),
