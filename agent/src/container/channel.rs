@@ -42,7 +42,39 @@ pub enum FromChild {
     /// Set up and waiting for `Start`.
     Ready,
     /// Setup or exec failed; the process exits.
-    Failed { message: String },
+    Failed(Failure),
+}
+
+/// Why a setup process failed, typed where the agent tells kinds apart
+/// (the runtime reports a missing program differently).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Failure {
+    ExecNotFound { program: String },
+    ExecDenied { program: String },
+    Setup { message: String },
+}
+
+impl From<ContainerError> for Failure {
+    fn from(error: ContainerError) -> Failure {
+        match error {
+            ContainerError::ExecNotFound(program) => Failure::ExecNotFound { program },
+            ContainerError::ExecDenied(program) => Failure::ExecDenied { program },
+            ContainerError::Setup(message) => Failure::Setup { message },
+            other => Failure::Setup {
+                message: protocols::error_chain(&other),
+            },
+        }
+    }
+}
+
+impl From<Failure> for ContainerError {
+    fn from(failure: Failure) -> ContainerError {
+        match failure {
+            Failure::ExecNotFound { program } => ContainerError::ExecNotFound(program),
+            Failure::ExecDenied { program } => ContainerError::ExecDenied(program),
+            Failure::Setup { message } => ContainerError::Setup(message),
+        }
+    }
 }
 
 /// One end of the channel.
@@ -162,5 +194,45 @@ impl Channel {
         let message = serde_json::from_slice(&buf[..len])
             .map_err(|e| ContainerError::Setup(format!("decoding a setup message: {e}")))?;
         Ok(Some((message, fd)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failure crosses the channel with its kind: no message is parsed
+    /// back into a kind.
+    #[test]
+    fn failures_keep_their_kind_across_the_channel() {
+        let (agent, child) = Channel::pair().expect("a socket pair");
+        for error in [
+            ContainerError::ExecNotFound("no-such-program".into()),
+            ContainerError::ExecDenied("/etc/passwd".into()),
+            ContainerError::Setup("mounting /proc: EPERM".into()),
+            ContainerError::Cgroup("joining: EBUSY".into()),
+        ] {
+            let expected = Failure::from(error);
+            child
+                .send(&FromChild::Failed(expected.clone()))
+                .expect("sending");
+            let Some(FromChild::Failed(got)) = agent.receive::<FromChild>().expect("receiving")
+            else {
+                panic!("no failure came");
+            };
+            assert_eq!(got, expected);
+            match (ContainerError::from(got), expected) {
+                (ContainerError::ExecNotFound(p), Failure::ExecNotFound { program }) => {
+                    assert_eq!(p, program)
+                }
+                (ContainerError::ExecDenied(p), Failure::ExecDenied { program }) => {
+                    assert_eq!(p, program)
+                }
+                (ContainerError::Setup(m), Failure::Setup { message }) => {
+                    assert_eq!(m, message)
+                }
+                (error, failure) => panic!("{failure:?} came back as {error:?}"),
+            }
+        }
     }
 }

@@ -391,9 +391,7 @@ impl Containers {
                         break;
                     }
                 }
-                Some((FromChild::Failed { message }, _)) => {
-                    return Err(ContainerError::Setup(message))
-                }
+                Some((FromChild::Failed(failure), _)) => return Err(failure.into()),
                 None => {
                     return Err(ContainerError::Setup(
                         "the setup process ended without a word".into(),
@@ -414,7 +412,7 @@ impl Containers {
         channel.send(&ToChild::Start)?;
         match channel.receive::<FromChild>()? {
             None => Ok(()),
-            Some(FromChild::Failed { message }) => Err(parse_failure(message)),
+            Some(FromChild::Failed(failure)) => Err(failure.into()),
             Some(other) => Err(ContainerError::Setup(format!(
                 "unexpected {other:?} after start"
             ))),
@@ -611,20 +609,6 @@ impl Containers {
     pub fn init_exit(&self, id: &str) -> Option<Exit> {
         self.get(id).ok().and_then(|c| c.init.exit())
     }
-}
-
-/// A setup failure's message as the error it names (exec failures keep
-/// their own kinds so the runtime can tell "not found" apart).
-fn parse_failure(message: String) -> ContainerError {
-    if let Some(rest) = message.strip_prefix("exec: ") {
-        if let Some(program) = rest.strip_suffix(": executable file not found in $PATH") {
-            return ContainerError::ExecNotFound(program.trim_matches('"').to_string());
-        }
-        if let Some(program) = rest.strip_suffix(": permission denied") {
-            return ContainerError::ExecDenied(program.trim_matches('"').to_string());
-        }
-    }
-    ContainerError::Setup(message)
 }
 
 /// The bundle directory of a container id inside the shared directory.

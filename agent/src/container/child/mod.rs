@@ -23,7 +23,7 @@ use nix::unistd::{fork, ForkResult};
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 use serde::{Deserialize, Serialize};
 
-use super::channel::{Channel, FromChild, ToChild};
+use super::channel::{Channel, Failure, FromChild, ToChild};
 use super::ContainerError;
 
 /// Everything a setup process needs, sent by the agent.
@@ -58,13 +58,11 @@ fn setup_error(what: impl std::fmt::Display) -> ContainerError {
 pub fn main() -> ! {
     // SAFETY: the agent starts this process with its channel end at fd 3.
     let channel = unsafe { Channel::inherited() };
-    let result = run(&channel);
-    let message = match result {
+    let failure = match run(&channel) {
         Ok(never) => match never {},
-        Err(ContainerError::Setup(message)) => message,
-        Err(e) => protocols::error_chain(&e),
+        Err(e) => Failure::from(e),
     };
-    let _ = channel.send(&FromChild::Failed { message });
+    let _ = channel.send(&FromChild::Failed(failure));
     std::process::exit(1);
 }
 
