@@ -86,7 +86,7 @@ const MOUNTS: &[(&str, &str, &str, MsFlags, &str)] = &[
 ];
 
 /// Where the sandbox's shared file system is mounted in the guest.
-pub const SHARED_DIR: &str = "/run/microvm/shared";
+pub use protocols::GUEST_SHARED_DIR as SHARED_DIR;
 
 /// Moves the root off the initramfs: pivot_root (which containers need)
 /// refuses to work while the root is the kernel's rootfs, so the root

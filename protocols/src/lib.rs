@@ -52,6 +52,12 @@ pub mod agent_ttrpc {
 /// The guest vsock port the agent serves on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The virtio-fs tag of a sandbox's shared directory.
+pub const SHARED_FS_TAG: &str = "microvm";
+
+/// Where the agent mounts the sandbox's shared directory in the guest.
+pub const GUEST_SHARED_DIR: &str = "/run/microvm/shared";
+
 /// How long an agent call that answers at once (create, start, network
 /// setup, signal, stats…) may take before the guest counts as stuck.
 pub const PROMPT_CALL_SECS: u64 = 30;

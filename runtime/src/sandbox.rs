@@ -14,8 +14,6 @@ use crate::config::SandboxConfig;
 use crate::hybrid_vsock::{self, ConnectError};
 use crate::network::NetAttachment;
 
-/// The guest agent's vsock port.
-pub const AGENT_PORT: u32 = 1024;
 const VSOCK_SOCKET: &str = "vsock.sock";
 const VMM_LOG: &str = "vmm.log";
 /// The empty directory the jailed VMM's root is mounted on (in its own
@@ -48,8 +46,7 @@ pub enum SandboxError {
     Cgroup(#[from] CgroupError),
 }
 
-/// The virtio-fs tag of the sandbox's shared directory.
-pub const SHARED_FS_TAG: &str = "microvm";
+pub use protocols::{GUEST_SHARED_DIR, SHARED_FS_TAG};
 /// The shared directory inside the state directory, when the config names none.
 const SHARED_DIR: &str = "shared";
 
@@ -568,7 +565,7 @@ impl Sandbox {
             if let Some(death) = self.death() {
                 return Err(death);
             }
-            match hybrid_vsock::connect(&uds, AGENT_PORT, Duration::from_secs(5)) {
+            match hybrid_vsock::connect(&uds, protocols::AGENT_VSOCK_PORT, Duration::from_secs(5)) {
                 Ok(stream) => {
                     tracing::debug!("agent connected");
                     return Ok(stream);
@@ -619,9 +616,6 @@ impl Drop for Sandbox {
         remove_state(&self.dir);
     }
 }
-
-/// Where the agent mounts the shared directory in the guest.
-pub const GUEST_SHARED_DIR: &str = "/run/microvm/shared";
 
 /// Makes `shared` a mount point of its own with shared propagation in our
 /// mount namespace: the VMM's namespace (a slave of ours) then receives
