@@ -4,6 +4,7 @@
 //! crate of the workspace renders an error and its causes as one line.
 
 pub mod errors;
+pub mod vmm;
 
 pub use errors::{error_chain, repeated_cause};
 

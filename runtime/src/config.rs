@@ -79,39 +79,7 @@ pub struct SandboxConfig {
     pub net: NetDevices,
 }
 
-/// What the VMM's seccomp filters do with a call outside their lists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Seccomp {
-    /// Kill the VMM (the default).
-    On,
-    /// No filters (debugging; the VMM warns).
-    Off,
-    /// Log and allow (measuring the lists).
-    Log,
-}
-
-impl std::str::FromStr for Seccomp {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Seccomp, String> {
-        match text {
-            "on" | "1" | "true" => Ok(Seccomp::On),
-            "off" | "0" | "false" => Ok(Seccomp::Off),
-            "log" => Ok(Seccomp::Log),
-            other => Err(format!("seccomp {other:?}: give on, off or log")),
-        }
-    }
-}
-
-impl Seccomp {
-    /// The VMM's `--seccomp` value.
-    pub fn as_arg(self) -> &'static str {
-        match self {
-            Seccomp::On => "on",
-            Seccomp::Off => "off",
-            Seccomp::Log => "log",
-        }
-    }
-}
+pub use protocols::vmm::Seccomp;
 
 /// A host path shown in the sandbox's shared directory.
 #[derive(Debug, Clone)]

@@ -56,7 +56,7 @@ fn parse(args: &[String]) -> Result<(VmConfig, Confinement)> {
     let mut vsock_path = None;
     let mut confinement = Confinement {
         jail: None,
-        seccomp: seccomp::Mode::Kill,
+        seccomp: seccomp::Mode::On,
     };
     let mut guest_cid = 3;
     let mut iter = args.iter();

@@ -63,29 +63,8 @@ impl ThreadKind {
     }
 }
 
-/// What a thread outside its list gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Killed, with the whole process (the default).
-    Kill,
-    /// Logged by the kernel (audit type 1326) and let through: for
-    /// measuring the lists, never for production.
-    Log,
-    /// No filter at all (debugging only; a warning says so).
-    Off,
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Mode, String> {
-        match text {
-            "on" | "kill" => Ok(Mode::Kill),
-            "log" => Ok(Mode::Log),
-            "off" => Ok(Mode::Off),
-            other => Err(format!("--seccomp {other}: give on, off or log")),
-        }
-    }
-}
+/// What a thread outside its list gets (`--seccomp`).
+pub use protocols::vmm::Seccomp as Mode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -129,9 +108,9 @@ pub fn prepare(mode: Mode) -> Result<(), SeccompError> {
         });
     let programs = match mode {
         Mode::Off => Vec::new(),
-        Mode::Kill | Mode::Log => {
+        Mode::On | Mode::Log => {
             set_no_new_privs()?;
-            let on_mismatch = if mode == Mode::Kill {
+            let on_mismatch = if mode == Mode::On {
                 SeccompAction::KillProcess
             } else {
                 SeccompAction::Log
