@@ -41,23 +41,27 @@ fn main() -> Result<()> {
     );
     let (mut ours, mut ours_guest) = (Vec::new(), Vec::new());
     let (mut jailed_boot, mut jailed_guest) = (Vec::new(), Vec::new());
+    // The VMM's own set-up, from its start until its first vCPU enters the
+    // guest (its debug log's `startup:` lines): where the jail's cost is.
+    let (mut setup, mut jailed_setup) = (Vec::new(), Vec::new());
     // The jail's root: an empty directory made once, outside the timing
     // (the tmpfs on it goes with the VMM's mount namespace).
     let jail_root = "/tmp/microvm-bench-jail";
     host.run(&["mkdir", "-p", jail_root], b"", TIMEOUT)?;
     for _ in 0..runs {
         // Alternating: without the jail (seccomp on), then jailed.
-        for (jail, walls, guest) in [
-            (false, &mut ours, &mut ours_guest),
-            (true, &mut jailed_boot, &mut jailed_guest),
+        for (jail, walls, guest, setups) in [
+            (false, &mut ours, &mut ours_guest, &mut setup),
+            (true, &mut jailed_boot, &mut jailed_guest, &mut jailed_setup),
         ] {
+            let log = "MICROVM_LOG=microvm_vmm=debug,vmm::vm=debug";
             let args = format!(
                 "{vmm} --kernel {kernel} --initrd {probe} --console stdout --cmdline quiet"
             );
             let command = if jail {
-                format!("exec {args} --jail {jail_root}")
+                format!("export {log}; exec {args} --jail {jail_root}")
             } else {
-                format!("exec {args}")
+                format!("export {log}; exec {args}")
             };
             let out = host.run(&["sh", "-c", &command], b"", TIMEOUT)?;
             let text = out.stdout_text();
@@ -69,6 +73,12 @@ fn main() -> Result<()> {
             };
             walls.push(out.elapsed.as_secs_f64());
             guest.push(guest_ms(line));
+            setups.push(first_guest_entry_ms(&out.stderr_text()).with_context(|| {
+                format!(
+                    "microvm-vmm (jail {jail}) logged no start-up steps: {}",
+                    out.stderr_text()
+                )
+            })?);
         }
     }
     let mut qemu = Vec::new();
@@ -86,6 +96,13 @@ fn main() -> Result<()> {
         &mut jailed_guest,
     );
     row("baseline: QEMU 7.2 -M microvm", &mut qemu, &mut qemu_guest);
+    let (setup_min, setup_med, setup_max) = min_med_max(&mut setup);
+    let (jailed_min, jailed_med, jailed_max) = min_med_max(&mut jailed_setup);
+    println!(
+        "VMM set-up until the first vCPU enters the guest, min/med/max (ms): \
+         {setup_min:.0} / {setup_med:.0} / {setup_max:.0} without the jail, \
+         {jailed_min:.0} / {jailed_med:.0} / {jailed_max:.0} jailed"
+    );
 
     println!(
         "\n2. `microvm run -- true` end to end, {runs} runs each, the VMM jailed and \
@@ -169,6 +186,13 @@ fn main() -> Result<()> {
         "baseline: QEMU 7.2 -M microvm", qemu_rss
     );
     Ok(())
+}
+
+/// The VMM's `startup: vcpu0 enters the guest at X ms` (debug log).
+fn first_guest_entry_ms(log: &str) -> Option<f64> {
+    log.lines()
+        .find_map(|line| line.split("startup: vcpu0 enters the guest at ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
 fn guest_ms(line: &str) -> f64 {

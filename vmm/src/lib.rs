@@ -21,4 +21,17 @@ pub mod vcpu;
 pub mod vm;
 
 pub use devices::virtio::net::{NetConfig, TapSource};
+
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Milliseconds since the process started (its first call, which `main`
+/// makes first thing), for the start-up steps logged at debug level. A
+/// jailed VMM counts from its supervisor's start: the fork keeps the value.
+pub fn startup_ms() -> f64 {
+    STARTED
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs_f64()
+        * 1e3
+}
 pub use vm::{Console, FsConfig, VmConfig, VsockConfig};

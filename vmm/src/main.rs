@@ -135,13 +135,7 @@ fn parse(args: &[String]) -> Result<(VmConfig, Confinement)> {
 
 /// Parses, confines (as far as can be done before the VM is built), builds.
 fn build(args: &[String]) -> Result<Vm> {
-    let start = std::time::Instant::now();
-    let step = |what: &str| {
-        tracing::debug!(
-            "startup: {what} at {:.1} ms",
-            start.elapsed().as_secs_f64() * 1e3
-        )
-    };
+    let step = |what: &str| tracing::debug!("startup: {what} at {:.1} ms", vmm::startup_ms());
     let (mut config, confinement) = parse(args)?;
     if confinement.jail.is_some() {
         if let Some(nic) = config
@@ -187,6 +181,7 @@ fn build(args: &[String]) -> Result<Vm> {
 }
 
 fn main() -> ExitCode {
+    vmm::startup_ms();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MICROVM_LOG")

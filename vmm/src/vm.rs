@@ -364,7 +364,10 @@ impl Vm {
                         exit.signal(VmExit::Failed(protocols::error_chain(&e)));
                         return;
                     }
-                    tracing::debug!("startup: vcpu{index} confined, entering the guest");
+                    tracing::debug!(
+                        "startup: vcpu{index} enters the guest at {:.1} ms",
+                        crate::startup_ms()
+                    );
                     vcpu::run(vcpu, index as u8, pio, mmio, exit)
                 });
             if let Err(e) = spawned {
