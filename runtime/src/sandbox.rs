@@ -13,6 +13,7 @@ use crate::cgroup::{CgroupError, VmmCgroup};
 use crate::config::SandboxConfig;
 use crate::hybrid_vsock::{self, ConnectError};
 use crate::network::NetAttachment;
+use protocols::vmm::{self, VmmArgs};
 
 const VSOCK_SOCKET: &str = "vsock.sock";
 const VMM_LOG: &str = "vmm.log";
@@ -78,7 +79,7 @@ fn c_path(path: &Path) -> std::ffi::CString {
 fn prepare_share(
     config: &SandboxConfig,
     dir: &Path,
-    command: &mut Command,
+    vmm_args: &mut VmmArgs,
 ) -> Result<Binds, SandboxError> {
     let shared = match (&config.shared_dir, config.shared_binds.is_empty()) {
         (Some(shared), _) => shared.clone(),
@@ -157,9 +158,10 @@ fn prepare_share(
             });
         }
     }
-    let mut fs_arg = std::ffi::OsString::from(format!("{SHARED_FS_TAG}="));
-    fs_arg.push(&shared);
-    command.arg("--fs").arg(fs_arg);
+    vmm_args.fs.push(vmm::Share {
+        tag: SHARED_FS_TAG.into(),
+        dir: shared,
+    });
     Ok(mounts)
 }
 
@@ -167,7 +169,7 @@ fn prepare_share(
 /// must inherit (their FD_CLOEXEC is cleared there only, so no other child
 /// of a multi-threaded runtime gets them). A tap on fd 0-2 is moved up
 /// first: the child's stdio setup would overwrite it.
-fn pass_taps(taps: &mut [NetAttachment], command: &mut Command) -> Result<Vec<i32>, SandboxError> {
+fn pass_taps(taps: &mut [NetAttachment], vmm_args: &mut VmmArgs) -> Result<Vec<i32>, SandboxError> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let mut fds = Vec::with_capacity(taps.len());
     for attachment in taps.iter_mut() {
@@ -184,7 +186,7 @@ fn pass_taps(taps: &mut [NetAttachment], command: &mut Command) -> Result<Vec<i3
             attachment.tap = unsafe { OwnedFd::from_raw_fd(fd) };
         }
         let fd = attachment.tap.as_raw_fd();
-        command.arg("--net").arg(attachment.vmm_arg(fd));
+        vmm_args.net.push(attachment.vmm_nic(fd));
         fds.push(fd);
     }
     Ok(fds)
@@ -285,25 +287,22 @@ impl Sandbox {
                 path: dir.clone(),
                 source,
             })?;
-        let mut command = Command::new(&config.vmm);
-        command
-            .arg("--kernel")
-            .arg(&config.kernel)
-            .arg("--initrd")
-            .arg(&config.initrd)
-            .args([
-                "--cpus",
-                &config.cpus.to_string(),
-                "--memory",
-                &config.memory_mib.to_string(),
-            ])
-            .arg("--vsock-uds")
-            .arg(dir.join(VSOCK_SOCKET))
-            .arg("--console")
-            .arg(config.console.as_deref().unwrap_or(Path::new("off")));
-        if !config.extra_cmdline.is_empty() {
-            command.args(["--cmdline", &config.extra_cmdline]);
-        }
+        let mut vmm_args = VmmArgs {
+            initrd: Some(config.initrd.clone()),
+            cpus: config.cpus,
+            memory_mib: config.memory_mib,
+            cmdline: config.extra_cmdline.clone(),
+            console: match &config.console {
+                Some(path) => vmm::Console::File(path.clone()),
+                None => vmm::Console::Off,
+            },
+            vsock: Some(vmm::Vsock {
+                uds: dir.join(VSOCK_SOCKET),
+                guest_cid: vmm::DEFAULT_GUEST_CID,
+            }),
+            seccomp: config.seccomp,
+            ..VmmArgs::new(&config.kernel)
+        };
         if config.jail {
             // The VMM mounts its root's tmpfs here, in its own namespace.
             let root = dir.join(JAIL_ROOT);
@@ -311,7 +310,7 @@ impl Sandbox {
                 remove_state(&dir);
                 return Err(SandboxError::StateDir { path: root, source });
             }
-            command.arg("--jail").arg(root);
+            vmm_args.jail = Some(root);
         }
         if config.seccomp != crate::config::Seccomp::On {
             tracing::warn!(
@@ -319,9 +318,8 @@ impl Sandbox {
                  breaks into the VMM may then make any system call",
                 config.seccomp.as_arg()
             );
-            command.args(["--seccomp", config.seccomp.as_arg()]);
         }
-        let binds = match prepare_share(config, &dir, &mut command) {
+        let binds = match prepare_share(config, &dir, &mut vmm_args) {
             Ok(binds) => binds,
             Err(e) => {
                 remove_state(&dir);
@@ -334,14 +332,16 @@ impl Sandbox {
                 return Err(e);
             }
         }
-        let tap_fds = match pass_taps(&mut taps, &mut command) {
+        let tap_fds = match pass_taps(&mut taps, &mut vmm_args) {
             Ok(fds) => fds,
             Err(e) => {
                 remove_state(&dir);
                 return Err(e);
             }
         };
+        let mut command = Command::new(&config.vmm);
         command
+            .args(vmm_args.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

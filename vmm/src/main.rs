@@ -1,12 +1,8 @@
 //! `microvm-vmm`: runs one microVM until the guest stops.
 //!
-//! ```text
-//! microvm-vmm --kernel VMLINUX [--initrd FILE] [--cpus N] [--memory MIB]
-//!             [--cmdline EXTRA] [--console off|stdout|FILE]
-//!             [--vsock-uds PATH [--guest-cid CID]] [--fs TAG=HOSTDIR]...
-//!             [--net fd=N|tap=NAME,mac=aa:bb:cc:dd:ee:ff[,mtu=M]]...
-//!             [--jail EMPTYDIR] [--seccomp on|off|log]
-//! ```
+//! Its command line is `protocols::vmm::VmmArgs` (the runtime encodes it):
+//! `protocols::vmm::USAGE`.
+//!
 //! `--jail EMPTYDIR`: confine the VMM (see `vmm::jail`): PID, mount,
 //! network, IPC and UTS namespaces of its own, its root a tmpfs mounted on
 //! EMPTYDIR in its own namespace, only the shares' capabilities. `--seccomp`
@@ -19,20 +15,16 @@
 //! Exits 0 when the guest resets or powers off, 1 on any error (printed on
 //! stderr as one line naming what was wrong).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use protocols::vmm::{self as vmm_args, VmmArgs};
 use vmm::jail::{self, seccomp};
 use vmm::vcpu::VmExit;
 use vmm::vm::Vm;
-use vmm::{Console, NetConfig, VmConfig, VsockConfig};
-
-const USAGE: &str =
-    "usage: microvm-vmm --kernel VMLINUX [--initrd FILE] [--cpus N] [--memory MIB] \
-[--cmdline EXTRA] [--console off|stdout|FILE] [--vsock-uds PATH [--guest-cid CID]] \
-[--fs TAG=HOSTDIR]... [--net fd=N|tap=NAME,mac=aa:bb:cc:dd:ee:ff[,mtu=M]]... \
-[--jail EMPTYDIR] [--seccomp on|off|log]";
+use vmm::{Console, FsConfig, VmConfig, VsockConfig};
 
 /// The confinement asked for on the command line.
 struct Confinement {
@@ -40,101 +32,53 @@ struct Confinement {
     seccomp: seccomp::Mode,
 }
 
-fn parse(args: &[String]) -> Result<(VmConfig, Confinement)> {
-    let mut kernel = None;
-    let mut config = VmConfig {
-        kernel: PathBuf::new(),
-        initrd: None,
-        cpus: 1,
-        memory_mib: 128,
-        extra_cmdline: String::new(),
-        console: Console::Off,
-        vsock: None,
-        fs: Vec::new(),
-        net: Vec::new(),
-    };
-    let mut vsock_path = None;
-    let mut confinement = Confinement {
-        jail: None,
-        seccomp: seccomp::Mode::On,
-    };
-    let mut guest_cid = 3;
-    let mut iter = args.iter();
-    while let Some(flag) = iter.next() {
-        let mut value = || {
-            iter.next()
-                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
-        };
-        match flag.as_str() {
-            "--kernel" => kernel = Some(PathBuf::from(value()?)),
-            "--initrd" => config.initrd = Some(PathBuf::from(value()?)),
-            "--cpus" => {
-                let text = value()?;
-                config.cpus = text
-                    .parse()
-                    .with_context(|| format!("--cpus {text}: give a number"))?;
-            }
-            "--memory" => {
-                let text = value()?;
-                config.memory_mib = text
-                    .parse()
-                    .with_context(|| format!("--memory {text}: give MiB"))?;
-            }
-            "--cmdline" => config.extra_cmdline = value()?.clone(),
-            "--console" => {
-                config.console = match value()?.as_str() {
-                    "off" => Console::Off,
-                    "stdout" | "-" => Console::Stdout,
-                    path => Console::File(PathBuf::from(path)),
-                }
-            }
-            "--vsock-uds" => vsock_path = Some(PathBuf::from(value()?)),
-            "--fs" => {
-                let value = value()?;
-                let (tag, dir) = value
-                    .split_once('=')
-                    .with_context(|| format!("--fs {value}: give TAG=HOSTDIR"))?;
-                if !std::path::Path::new(dir).is_dir() {
-                    bail!(
-                        "--fs {value}: shared directory {dir} does not exist or is not a directory"
-                    );
-                }
-                config.fs.push(vmm::FsConfig {
-                    tag: tag.to_string(),
-                    dir: PathBuf::from(dir),
-                });
-            }
-            "--net" => {
-                let value = value()?;
-                let nic = value
-                    .parse::<NetConfig>()
-                    .with_context(|| format!("--net {value}"))?;
-                config.net.push(nic);
-            }
-            "--guest-cid" => {
-                let text = value()?;
-                guest_cid = text
-                    .parse()
-                    .with_context(|| format!("--guest-cid {text}: give a number"))?;
-            }
-            "--jail" => confinement.jail = Some(PathBuf::from(value()?)),
-            "--seccomp" => {
-                confinement.seccomp = value()?.parse().map_err(anyhow::Error::msg)?;
-            }
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
+fn parse(args: Vec<OsString>) -> Result<(VmConfig, Confinement)> {
+    let args = VmmArgs::parse(args)?;
+    for share in &args.fs {
+        if !share.dir.is_dir() {
+            bail!(
+                "--fs {}={}: shared directory {} does not exist or is not a directory",
+                share.tag,
+                share.dir.display(),
+                share.dir.display()
+            );
         }
     }
-    config.kernel = kernel.with_context(|| format!("--kernel is required\n{USAGE}"))?;
-    config.vsock = vsock_path.map(|uds_path| VsockConfig {
-        guest_cid,
-        uds_path,
-        host_ports_path: None,
-    });
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cpus: args.cpus,
+        memory_mib: args.memory_mib,
+        extra_cmdline: args.cmdline,
+        console: match args.console {
+            vmm_args::Console::Off => Console::Off,
+            vmm_args::Console::Stdout => Console::Stdout,
+            vmm_args::Console::File(path) => Console::File(path),
+        },
+        vsock: args.vsock.map(|vsock| VsockConfig {
+            guest_cid: vsock.guest_cid,
+            uds_path: vsock.uds,
+            host_ports_path: None,
+        }),
+        fs: args
+            .fs
+            .into_iter()
+            .map(|share| FsConfig {
+                tag: share.tag,
+                dir: share.dir,
+            })
+            .collect(),
+        net: args.net,
+    };
+    let confinement = Confinement {
+        jail: args.jail,
+        seccomp: args.seccomp,
+    };
     Ok((config, confinement))
 }
 
 /// Parses, confines (as far as can be done before the VM is built), builds.
-fn build(args: &[String]) -> Result<Vm> {
+fn build(args: Vec<OsString>) -> Result<Vm> {
     let step = |what: &str| tracing::debug!("startup: {what} at {:.1} ms", vmm::startup_ms());
     let (mut config, confinement) = parse(args)?;
     if confinement.jail.is_some() {
@@ -189,8 +133,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let vm = match build(&args) {
+    let vm = match build(std::env::args_os().skip(1).collect()) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("microvm-vmm: {}", protocols::error_chain(&*e));

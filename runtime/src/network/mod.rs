@@ -80,9 +80,14 @@ pub struct NetAttachment {
 }
 
 impl NetAttachment {
-    /// The VMM's `--net` value, for the tap on fd `fd` in the VMM.
-    pub fn vmm_arg(&self, fd: i32) -> String {
-        format!("fd={fd},mac={},mtu={}", format_mac(&self.mac), self.mtu)
+    /// The VMM's NIC, for the tap on fd `fd` in the VMM.
+    pub fn vmm_nic(&self, fd: i32) -> protocols::vmm::NetConfig {
+        protocols::vmm::NetConfig {
+            tap: protocols::vmm::TapSource::Fd(fd),
+            mac: self.mac,
+            // Linux's interfaces go up to 65535 (ETH_MAX_MTU).
+            mtu: Some(self.mtu.min(u32::from(u16::MAX)) as u16),
+        }
     }
 }
 

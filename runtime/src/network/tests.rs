@@ -436,7 +436,10 @@ fn the_vmm_argument_names_fd_mac_and_mtu() {
         mac: [0xaa, 0xbb, 0xcc, 0x0d, 0x0e, 0x0f],
         mtu: 1400,
     };
-    assert_eq!(attachment.vmm_arg(7), "fd=7,mac=aa:bb:cc:0d:0e:0f,mtu=1400");
+    assert_eq!(
+        attachment.vmm_nic(7).to_string(),
+        "fd=7,mac=aa:bb:cc:0d:0e:0f,mtu=1400"
+    );
     let mut devices = NetDevices::from(vec![attachment]);
     assert_eq!(devices.len(), 1);
     assert_eq!(devices.take().len(), 1);

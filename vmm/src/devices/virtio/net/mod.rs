@@ -24,7 +24,6 @@ mod test_tap;
 mod tests;
 
 use std::os::fd::RawFd;
-use std::str::FromStr;
 
 pub use device::Net;
 
@@ -45,7 +44,7 @@ pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 65550;
 /// The MTU the guest is told when none is configured.
 pub const DEFAULT_MTU: u16 = 1500;
 /// The smallest MTU Linux accepts from the config space (ETH_MIN_MTU).
-pub const MIN_MTU: u16 = 68;
+pub use protocols::vmm::MIN_MTU;
 /// The config space: mac[6], status le16, max_virtqueue_pairs le16, mtu le16.
 pub const CONFIG_SPACE_SIZE: usize = 12;
 
@@ -86,108 +85,6 @@ pub enum NetError {
     Setup(String),
 }
 
-/// Where the tap comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TapSource {
-    /// An fd inherited from the parent, opened with
-    /// IFF_TAP|IFF_NO_PI|IFF_VNET_HDR; the device takes ownership of it.
-    Fd(RawFd),
-    /// A tap opened (created if needed) by name in the VMM's own netns.
-    Name(String),
-}
-
-/// One NIC: `fd=N|tap=NAME,mac=aa:bb:cc:dd:ee:ff[,mtu=M]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetConfig {
-    pub tap: TapSource,
-    pub mac: [u8; 6],
-    /// The MTU the guest is given (its `max_mtu`); [`DEFAULT_MTU`] when unset.
-    pub mtu: Option<u16>,
-}
-
-/// Why a `--net` value was refused: the part named, and what is expected.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{part:?}: {expected}")]
-pub struct NetConfigError {
-    pub part: String,
-    pub expected: &'static str,
-}
-
-fn bad(part: &str, expected: &'static str) -> NetConfigError {
-    NetConfigError {
-        part: part.to_string(),
-        expected,
-    }
-}
-
-/// `aa:bb:cc:dd:ee:ff` (hex, either case).
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-impl FromStr for NetConfig {
-    type Err = NetConfigError;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let mut tap = None;
-        let mut mac = None;
-        let mut mtu = None;
-        for part in value.split(',') {
-            let (key, val) = part
-                .split_once('=')
-                .ok_or_else(|| bad(part, "expected KEY=VALUE (keys: fd, tap, mac, mtu)"))?;
-            match key {
-                "fd" | "tap" if tap.is_some() => {
-                    return Err(bad(part, "give exactly one of fd= or tap="))
-                }
-                "fd" => {
-                    let fd: RawFd = val
-                        .parse()
-                        .ok()
-                        .filter(|fd| *fd >= 0)
-                        .ok_or_else(|| bad(part, "fd= takes a file descriptor number"))?;
-                    tap = Some(TapSource::Fd(fd));
-                }
-                "tap" => {
-                    if val.is_empty() || val.len() >= libc::IFNAMSIZ || val.contains('/') {
-                        return Err(bad(part, "tap= takes an interface name of 1 to 15 bytes"));
-                    }
-                    tap = Some(TapSource::Name(val.to_string()));
-                }
-                "mac" if mac.is_some() => return Err(bad(part, "mac= given twice")),
-                "mac" => {
-                    let parsed = parse_mac(val)
-                        .ok_or_else(|| bad(part, "mac= takes six hex bytes aa:bb:cc:dd:ee:ff"))?;
-                    if parsed[0] & 1 != 0 {
-                        return Err(bad(part, "mac= must be a unicast address"));
-                    }
-                    mac = Some(parsed);
-                }
-                "mtu" if mtu.is_some() => return Err(bad(part, "mtu= given twice")),
-                "mtu" => {
-                    mtu = Some(
-                        val.parse::<u16>()
-                            .ok()
-                            .filter(|mtu| *mtu >= MIN_MTU)
-                            .ok_or_else(|| bad(part, "mtu= takes a number from 68 to 65535"))?,
-                    );
-                }
-                _ => return Err(bad(part, "unknown key (keys: fd, tap, mac, mtu)")),
-            }
-        }
-        Ok(NetConfig {
-            tap: tap.ok_or_else(|| bad(value, "fd=N or tap=NAME is required"))?,
-            mac: mac.ok_or_else(|| bad(value, "mac=aa:bb:cc:dd:ee:ff is required"))?,
-            mtu,
-        })
-    }
-}
+/// A NIC's configuration and its `--net` syntax are the runtime's and
+/// the VMM's shared contract.
+pub use protocols::vmm::{parse_mac, NetConfig, NetConfigError, TapSource};
