@@ -15,7 +15,11 @@ use crate::hybrid_vsock::{self, ConnectError};
 use crate::network::NetAttachment;
 use protocols::vmm::{self, VmmArgs};
 
-const VSOCK_SOCKET: &str = "vsock.sock";
+/// The vsock socket, in a directory of its own: a jailed VMM sees that
+/// directory (for guest connections to host ports, `<socket>_PORT`) and
+/// nothing else of the state directory.
+const VSOCK_DIR: &str = "vsock";
+const VSOCK_SOCKET: &str = "vsock/vsock.sock";
 const VMM_LOG: &str = "vmm.log";
 /// The empty directory the jailed VMM's root is mounted on (in its own
 /// mount namespace only).
@@ -303,6 +307,14 @@ impl Sandbox {
             seccomp: config.seccomp,
             ..VmmArgs::new(&config.kernel)
         };
+        let vsock_dir = dir.join(VSOCK_DIR);
+        if let Err(source) = std::fs::create_dir(&vsock_dir) {
+            remove_state(&dir);
+            return Err(SandboxError::StateDir {
+                path: vsock_dir,
+                source,
+            });
+        }
         if config.jail {
             // The VMM mounts its root's tmpfs here, in its own namespace.
             let root = dir.join(JAIL_ROOT);

@@ -61,6 +61,7 @@ probe() {
         [ "$(stat -L -c %d $fd 2>/dev/null)" = "$host_proc" ] && echo "host-proc-fd $fd $(readlink $fd)"
     done
     echo "root $(ls -A /proc/$vmm/root | tr '\n' ' ')"
+    echo "vsock-dir $(ls -A /proc/$vmm/root/vsock | tr '\n' ' ')"
     for f in /etc/shadow /etc /home /run/containerd /usr /sys /dev/kvm /proc/sys /proc/sysrq-trigger; do
         [ -e /proc/$vmm/root$f ] && echo "visible $f"
     done
@@ -139,6 +140,9 @@ fn assert_jailed(text: &str) -> String {
     );
     let root: Vec<&str> = facts["root"][0].split_whitespace().collect();
     assert_eq!(root, ["fs", "proc", "vsock"], "the jail's root\n{text}");
+    // Of the state directory, only the vsock socket's own directory.
+    let vsock: Vec<&str> = facts["vsock-dir"][0].split_whitespace().collect();
+    assert_eq!(vsock, ["vsock.sock"], "the jail's /vsock\n{text}");
     let cgroup = facts["cgroup"][0].clone();
     assert_eq!(
         facts["supervisor-cgroup"][0], cgroup,
