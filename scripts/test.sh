@@ -7,6 +7,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$repo"
 install_packages
 build_all
+# The fuzz targets of the guest-facing devices, briefly (docs/fuzzing.md).
+"$repo/scripts/fuzz.sh" --short
 echo "== tests"
 if has_hardware_kvm; then
     cargo test --workspace
