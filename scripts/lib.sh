@@ -41,6 +41,16 @@ install_packages() {
     done
 }
 
+# cargo-fuzz drives the fuzz targets (scripts/fuzz.sh); installed from
+# crates.io into ~/.cargo/bin when missing.
+cargo_fuzz_version=0.13.2
+install_cargo_fuzz() {
+    if ! command -v cargo-fuzz >/dev/null 2>&1; then
+        echo "== installing cargo-fuzz $cargo_fuzz_version"
+        cargo install --locked --quiet --version "$cargo_fuzz_version" cargo-fuzz
+    fi
+}
+
 build_all() {
     mkdir -p "$build_dir"
     echo "== guest kernel"

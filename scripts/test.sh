@@ -12,6 +12,8 @@ install_packages
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 build_all
+# The fuzz targets of the guest-facing devices, briefly (docs/fuzzing.md).
+"$repo/scripts/fuzz.sh" --short
 echo "== tests"
 if has_hardware_kvm; then
     cargo test --workspace

@@ -8,11 +8,14 @@
 //! - [`vcpu`]: vCPU creation and run loops;
 //! - [`devices`]: serial console, i8042 (reset), virtio-mmio devices (vsock, fs, net);
 //! - [`jail`]: confining the VMM process (namespaces, root, capabilities, seccomp);
-//! - [`vm`]: building a VM from a [`vm::VmConfig`] and running it to its end.
+//! - [`vm`]: building a VM from a [`vm::VmConfig`] and running it to its end;
+//! - `fuzzing` (feature `fuzz`, and in tests): the fuzz targets' harnesses.
 
 pub mod arch;
 pub mod boot;
 pub mod devices;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzzing;
 pub mod jail;
 pub mod kvm;
 pub mod layout;

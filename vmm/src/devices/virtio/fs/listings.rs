@@ -63,6 +63,11 @@ pub fn answered_here(opcode: u32) -> bool {
 }
 
 impl Listings {
+    /// How many listings are held (one per directory handle being read).
+    pub fn held(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Answers a READDIR or READDIRPLUS whose header is `header` (already
     /// read from `body`); returns the reply's length.
     pub fn answer(

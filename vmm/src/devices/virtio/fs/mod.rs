@@ -11,7 +11,9 @@
 //!   and FUSE server, and one request served from one descriptor chain;
 //! - [`listings`]: directory reads served from a listing taken at their
 //!   start, whose offsets removals do not move;
-//! - [`memory_view`]: guest memory and queues in the FUSE server's types.
+//! - [`memory_view`]: guest memory and queues in the FUSE server's types;
+//! - [`request_limits`]: requests refused before the FUSE server sizes an
+//!   allocation by them.
 //!
 //! # Why two versions of vm-memory and virtio-queue
 //!
@@ -34,6 +36,7 @@ pub mod device;
 pub mod event_handler;
 pub mod listings;
 pub mod memory_view;
+pub mod request_limits;
 pub mod round_trips;
 pub mod server;
 #[cfg(test)]

@@ -19,7 +19,7 @@ use fuse_virtio_queue::DescriptorChain;
 
 use super::listings::{self, Listings};
 use super::memory_view::FuseMemory;
-use super::{round_trips, FsError};
+use super::{request_limits, round_trips, FsError};
 
 /// How long the guest may trust what it learnt of a name (entries and
 /// negative entries) or of a file's attributes before asking again:
@@ -32,6 +32,13 @@ pub struct FsServer {
     server: Server<Arc<Vfs>>,
     vfs: Arc<Vfs>,
     listings: Listings,
+}
+
+impl FsServer {
+    /// How many directory listings the server holds for the guest.
+    pub fn held_listings(&self) -> usize {
+        self.listings.held()
+    }
 }
 
 /// A FUSE server exporting `dir`.
@@ -162,16 +169,24 @@ pub fn serve_chain(
     };
     // The server reads the header itself: it gets `reader` untouched.
     let mut body = reader.clone();
-    let served = match body.read_obj::<InHeader>() {
-        Ok(header) if round_trips::answered_here(header.opcode) => {
+    let header = body.read_obj::<InHeader>();
+    let refusal = header
+        .as_ref()
+        .ok()
+        .and_then(|header| request_limits::refusal(header, body.clone()));
+    let served = match (header, refusal) {
+        (Ok(header), Some(errno)) => {
+            round_trips::reply(writer.into(), &header, Err(errno)).map_err(|e| e.to_string())
+        }
+        (Ok(header), None) if round_trips::answered_here(header.opcode) => {
             round_trips::answer(&server.vfs, CACHE_TIMEOUT, &header, body, writer.into())
                 .map_err(|e| e.to_string())
         }
-        Ok(header) if listings::answered_here(header.opcode) => server
+        (Ok(header), None) if listings::answered_here(header.opcode) => server
             .listings
             .answer(&server.vfs, &header, body, writer.into())
             .map_err(|e| e.to_string()),
-        header => {
+        (header, _) => {
             if let Ok(header) = header {
                 server.listings.see_forwarded(&header, body);
             }

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{
-    Dirent, EntryOut, FlushIn, InHeader, InitIn, InitOut, Opcode, OpenIn, OpenOut, OutHeader,
-    ReadIn, ReleaseIn, WriteIn, WriteOut,
+    Dirent, EntryOut, FlushIn, GetxattrIn, InHeader, InitIn, InitOut, Opcode, OpenIn, OpenOut,
+    OutHeader, ReadIn, ReleaseIn, WriteIn, WriteOut,
 };
 use fuse_vm_memory::ByteValued;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
@@ -386,6 +386,57 @@ fn lookups_answered_by_the_device_refuse_bad_names_and_directories() {
     let (error, entry) = lookup(&mut driver, &fs, "f");
     assert_eq!(error, 0);
     assert_ne!(entry.nodeid, 0);
+}
+
+/// Found by the fuzz target `fs`: LISTXATTR (and GETXATTR) with a `size`
+/// of nearly 4 GiB made the passthrough file system allocate that much.
+/// Sizes past Linux's own limit (64 KiB) are refused; up to it, served.
+#[test]
+fn xattr_requests_larger_than_linux_asks_are_refused() {
+    let dir = ScratchDir::new("xattr-sizes");
+    shared_file(&dir.0, "f", 10);
+    let memory = guest_memory();
+    let (mut driver, fs) = session(&memory, &dir.0);
+    let (_, file) = lookup(&mut driver, &fs, "f");
+    for opcode in [Opcode::Listxattr, Opcode::Getxattr] {
+        let request = |size: u32| {
+            let body = GetxattrIn { size, padding: 0 };
+            let mut body = body.as_slice().to_vec();
+            if matches!(opcode, Opcode::Getxattr) {
+                body.extend_from_slice(b"user.none\0");
+            }
+            body
+        };
+        let (_, header, _) = call(
+            &mut driver,
+            &fs,
+            opcode,
+            file.nodeid,
+            &request(0xff0a_ffff),
+            &[256],
+        );
+        assert_eq!(header.error, -libc::EINVAL, "{opcode:?} of ~4 GiB");
+        let (_, header, _) = call(
+            &mut driver,
+            &fs,
+            opcode,
+            file.nodeid,
+            &request(64 * 1024 + 1),
+            &[256],
+        );
+        assert_eq!(header.error, -libc::EINVAL, "{opcode:?} past 64 KiB");
+        // Within the limit the file system answers (no such attribute, or
+        // an empty list, or no xattr support on this file system).
+        let (_, header, _) = call(
+            &mut driver,
+            &fs,
+            opcode,
+            file.nodeid,
+            &request(64 * 1024),
+            &[256],
+        );
+        assert_ne!(header.error, -libc::EINVAL, "{opcode:?} of 64 KiB");
+    }
 }
 
 /// LOOKUP of `name` with a reply buffer of `len` bytes: the used length.

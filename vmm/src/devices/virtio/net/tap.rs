@@ -24,7 +24,7 @@ pub struct Tap {
     fd: OwnedFd,
     name: String,
     /// Tests stand a socket pair in for the tap: no tap ioctls then.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzz"))]
     pub(super) fake: bool,
 }
 
@@ -96,7 +96,7 @@ impl Tap {
         let tap = Tap {
             fd,
             name,
-            #[cfg(test)]
+            #[cfg(any(test, feature = "fuzz"))]
             fake: false,
         };
         tap.configure()?;
@@ -129,16 +129,17 @@ impl Tap {
         let tap = Tap {
             fd,
             name: name.to_string(),
-            #[cfg(test)]
+            #[cfg(any(test, feature = "fuzz"))]
             fake: false,
         };
         tap.configure()?;
         Ok(tap)
     }
 
-    /// A socket standing in for a tap (message boundaries kept), for tests.
-    #[cfg(test)]
-    pub(super) fn fake(fd: OwnedFd) -> Tap {
+    /// A socket standing in for a tap (message boundaries kept), for tests
+    /// and the fuzz targets.
+    #[cfg(any(test, feature = "fuzz"))]
+    pub(crate) fn fake(fd: OwnedFd) -> Tap {
         Tap {
             fd,
             name: "fake".into(),
@@ -146,12 +147,12 @@ impl Tap {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzz"))]
     fn is_fake(&self) -> bool {
         self.fake
     }
 
-    #[cfg(not(test))]
+    #[cfg(not(any(test, feature = "fuzz")))]
     fn is_fake(&self) -> bool {
         false
     }
