@@ -16,6 +16,7 @@ pub mod devices;
 pub mod jail;
 pub mod kvm;
 pub mod layout;
+pub mod logger;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

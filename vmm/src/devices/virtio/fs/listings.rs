@@ -191,7 +191,7 @@ fn list(vfs: &Vfs, caller: &Context, nodeid: u64, fh: u64) -> io::Result<Vec<Lis
         // this loop read the same batch again.
         if added == 0 || offset == before || listing.len() >= MAX_LISTED {
             if listing.len() >= MAX_LISTED {
-                tracing::warn!("virtio-fs: a directory listing stops at {MAX_LISTED} names");
+                crate::guest_warn!("virtio-fs: a directory listing stops at {MAX_LISTED} names");
             }
             return Ok(listing);
         }

@@ -149,14 +149,14 @@ pub fn serve_chain(
     let reader = match Reader::from_descriptor_chain(memory, chain.clone()) {
         Ok(reader) => reader,
         Err(e) => {
-            tracing::warn!("virtio-fs: a malformed request buffer: {e}");
+            crate::guest_warn!("virtio-fs: a malformed request buffer: {e}");
             return 0;
         }
     };
     let writer = match VirtioFsWriter::new(memory, chain) {
         Ok(writer) => writer,
         Err(e) => {
-            tracing::warn!("virtio-fs: a malformed reply buffer: {e}");
+            crate::guest_warn!("virtio-fs: a malformed reply buffer: {e}");
             return 0;
         }
     };
@@ -184,7 +184,7 @@ pub fn serve_chain(
     match served {
         Ok(len) => u32::try_from(len).unwrap_or(0),
         Err(e) => {
-            tracing::debug!("virtio-fs: request failed: {e}");
+            crate::guest_debug!("virtio-fs: request failed: {e}");
             0
         }
     }
