@@ -17,6 +17,7 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, Pas
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use fuse_virtio_queue::DescriptorChain;
 
+use super::guard::Guarded;
 use super::listings::{self, Listings};
 use super::memory_view::FuseMemory;
 use super::{round_trips, FsError};
@@ -29,17 +30,37 @@ pub const CACHE_TIMEOUT: Duration = Duration::from_secs(5);
 /// What serves one fs device's requests: the FUSE server, and the VFS it
 /// talks to (for the requests answered in [`round_trips`]).
 pub struct FsServer {
-    server: Server<Arc<Vfs>>,
+    server: Server<Arc<Guarded>>,
     vfs: Arc<Vfs>,
+    guard: Arc<Guarded>,
     listings: Listings,
+}
+
+impl FsServer {
+    /// Open files and directories (at most [`super::guard::MAX_OPEN_HANDLES`]).
+    pub fn open_handles(&self) -> usize {
+        self.guard.open_handles()
+    }
+
+    /// The limits on what the guest does to the share (see [`Guarded`]).
+    pub fn guard(&self) -> &Guarded {
+        &self.guard
+    }
+
+    /// The directory listings held (see [`Listings`]).
+    pub fn listings(&self) -> &Listings {
+        &self.listings
+    }
 }
 
 /// A FUSE server exporting `dir`.
 pub fn new_server(dir: &Path) -> Result<Arc<FsServer>, FsError> {
     let vfs = Arc::new(vfs_over(passthrough(dir)?)?);
+    let guard = Arc::new(Guarded::new(vfs.clone()));
     Ok(Arc::new(FsServer {
-        server: Server::new(vfs.clone()),
+        server: Server::new(guard.clone()),
         vfs,
+        guard,
         listings: Listings::default(),
     }))
 }
