@@ -128,7 +128,7 @@ impl Guarded {
 
     /// Keeps the place taken by [`Guarded::reserve_handle`] if the open
     /// made a handle, else gives it back.
-    fn settle_handle(&self, _reserved: (), made: Result<bool, &io::Error>) {
+    fn settle_handle(&self, made: Result<bool, &io::Error>) {
         if !matches!(made, Ok(true)) {
             self.release_handle();
         }
@@ -275,12 +275,9 @@ impl FileSystem for Guarded {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
-        let reserved = self.reserve_handle()?;
+        self.reserve_handle()?;
         let opened = self.vfs.open(ctx, inode, flags, fuse_flags);
-        self.settle_handle(
-            reserved,
-            opened.as_ref().map(|(handle, ..)| handle.is_some()),
-        );
+        self.settle_handle(opened.as_ref().map(|(handle, ..)| handle.is_some()));
         opened
     }
 
@@ -295,12 +292,9 @@ impl FileSystem for Guarded {
             mode: without_set_id(args.mode),
             ..args
         };
-        let reserved = self.reserve_handle()?;
+        self.reserve_handle()?;
         let created = self.vfs.create(ctx, parent, name, args);
-        self.settle_handle(
-            reserved,
-            created.as_ref().map(|(_, handle, ..)| handle.is_some()),
-        );
+        self.settle_handle(created.as_ref().map(|(_, handle, ..)| handle.is_some()));
         created
     }
 
@@ -447,12 +441,9 @@ impl FileSystem for Guarded {
         inode: Self::Inode,
         flags: u32,
     ) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
-        let reserved = self.reserve_handle()?;
+        self.reserve_handle()?;
         let opened = self.vfs.opendir(ctx, inode, flags);
-        self.settle_handle(
-            reserved,
-            opened.as_ref().map(|(handle, _)| handle.is_some()),
-        );
+        self.settle_handle(opened.as_ref().map(|(handle, _)| handle.is_some()));
         opened
     }
 
