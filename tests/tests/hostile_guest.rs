@@ -96,12 +96,13 @@ fn one<'a>(facts: &'a BTreeMap<String, Vec<String>>, word: &str, text: &str) -> 
 fn a_vsock_connect_storm_leaves_vmm_log_small_and_the_vm_working() {
     let script = format!(
         r#"{prelude}
-guest "/mnt/hostile vsock-storm 1 1234 20000; /mnt/hostile vsock-storm 2 9999 5000; /mnt/hostile vsock-storm 77 1 5000"
+guest "/mnt/hostile vsock-storm 1 1234 5000; /mnt/hostile vsock-storm 2 9999 2000; /mnt/hostile vsock-storm 77 1 2000"
 wait_for guest-done
-log=$(ls /tmp/microvm-$run-*/vmm.log)
-echo "log-bytes $(stat -c %s $log)"
-echo "cid1-lines $(grep -c 'to cid 1' $log)"
-echo "cid77-lines $(grep -c 'to cid 77' $log)"
+log=$(ls /tmp/microvm-$run-*/vmm.log | head -1)
+echo "log-file $log"
+echo "log-bytes $(stat -c %s "$log" </dev/null)"
+echo "cid1-lines $(grep -c 'to cid 1\( \|$\)' "$log" </dev/null)"
+echo "cid77-lines $(grep -c 'to cid 77\( \|$\)' "$log" </dev/null)"
 finish
 "#,
         prelude = prelude()
@@ -119,12 +120,12 @@ finish
         .collect();
     assert_eq!(storms.len(), 3, "{text}");
     assert!(
-        storms[0].starts_with("vsock-storm sent=20000"),
+        storms[0].starts_with("vsock-storm sent=5000"),
         "the storm ran: {text}"
     );
     let log_bytes: u64 = one(&facts, "log-bytes", &text).parse().unwrap();
     assert!(log_bytes < MAX_LOG_BYTES, "{text}");
-    // 20000 connects to CID 1 send at least 20000 packets: a burst of lines
+    // 5000 connects to CID 1 send at least 5000 packets: a burst of lines
     // went to the log, the rest were counted.
     let cid1: usize = one(&facts, "cid1-lines", &text).parse().unwrap();
     let cid77: usize = one(&facts, "cid77-lines", &text).parse().unwrap();
@@ -139,9 +140,9 @@ finish
     );
 }
 
-/// A guest opening a directory of 10,000 long names 300 times and reading
-/// each (the file server lists the whole directory at the first read, ~1.3
-/// MB each, 400 MB in all): listings stop at their budget, the guest gets
+/// A guest opening a directory of 4,000 names of 250 bytes 150 times and
+/// reading each (the file server lists the whole directory at the first
+/// read, ~1.1 MB each, 170 MB in all): listings stop at their budget, the guest gets
 /// ENOMEM for the rest, and the VMM's memory stays bounded (its guest
 /// memory, 128 MiB, plus the 64 MiB budget and its own needs).
 #[test]
@@ -149,9 +150,9 @@ fn an_opendir_storm_gets_errors_not_vmm_memory() {
     let script = format!(
         r#"{prelude}
 mkdir $share/huge
-cd $share/huge && seq -f "%05g-$(printf 'x%.0s' $(seq 1 90))" 1 10000 | xargs touch && cd /
+cd $share/huge && seq -f "%05g-$(printf 'x%.0s' $(seq 1 244))" 1 4000 | xargs touch && cd /
 echo "files $(ls $share/huge | wc -l)"
-guest "/mnt/hostile opendir-storm /mnt/huge 300"
+guest "/mnt/hostile opendir-storm /mnt/huge 150"
 wait_for guest-done
 vmm=$(vmm_of_run)
 echo "vmm-hwm-kib $(grep VmHWM: /proc/$vmm/status | tr -s ' \t' ' ' | cut -d' ' -f2)"
@@ -165,17 +166,17 @@ finish
     eprintln!("{text}{}", out.stderr_text());
     let facts = facts(&text);
     assert!(!facts.contains_key("never-saw"), "{text}");
-    assert_eq!(one(&facts, "files", &text), "10000", "{text}");
+    assert_eq!(one(&facts, "files", &text), "4000", "{text}");
     let storm = facts
         .get("guest:")
         .into_iter()
         .flatten()
         .find(|l| l.starts_with("opendir-storm"))
         .unwrap_or_else(|| panic!("no storm report\n{text}"));
-    assert!(storm.contains("opened=300"), "{storm}");
+    assert!(storm.contains("opened=150"), "{storm}");
     assert!(storm.contains("ENOMEM:"), "past the budget: {storm}");
     let hwm: u64 = one(&facts, "vmm-hwm-kib", &text).parse().unwrap();
-    // Unbounded, the listings alone would take some 400 MB.
+    // Unbounded, the listings alone would take some 170 MB.
     assert!(
         hwm < (128 + 64 + 64) * 1024,
         "the VMM peaked at {hwm} KiB\n{text}"
@@ -220,11 +221,13 @@ finish
         assert!(said(refused), "expected `{refused}` from the guest\n{text}");
     }
     assert!(said("mknod-fifo 0"), "{text}");
-    for name in [
-        "security.capability",
-        "trusted.overlay.opaque",
-        "security.selinux",
-    ] {
+    // The guest's kernel may refuse a capability itself (EINVAL) before
+    // it reaches the file server; either way it is refused.
+    assert!(
+        said("setxattr security.capability EPERM") || said("setxattr security.capability errno22"),
+        "security.capability was not refused\n{text}"
+    );
+    for name in ["trusted.overlay.opaque", "security.selinux"] {
         assert!(
             said(&format!("setxattr {name} EPERM")),
             "{name} was not refused\n{text}"
