@@ -353,6 +353,10 @@ mod tests {
                 .unwrap();
         let sizing = Sizing::new(&file.hypervisor, host);
         assert_eq!((sizing.max_memory_mib, sizing.max_vcpus), (2048, 4));
+        // The shipped configuration names them, 0: the host's.
+        let shipped: ConfigFile =
+            toml::from_str(include_str!("../../deploy/configuration.toml")).unwrap();
+        assert_eq!(Sizing::new(&shipped.hypervisor, host), defaults);
         let file: ConfigFile =
             toml::from_str("[hypervisor]\ndefault_maxvcpus = 300\ndefault_maxmemory = 99999999\n")
                 .unwrap();
