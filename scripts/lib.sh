@@ -64,9 +64,10 @@ build_all() {
     RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" cargo build --quiet --profile guest \
         --target x86_64-unknown-linux-gnu \
         -p agent --bin microvm-agent \
-        -p microvm-tests --bin testhost-init --bin netbench -p rootfs-builder --bin probe-init
+        -p microvm-tests --bin testhost-init --bin netbench --bin hostile -p rootfs-builder --bin probe-init
     local static="$repo/target/x86_64-unknown-linux-gnu/guest"
-    cp "$static/microvm-agent" "$static/testhost-init" "$static/netbench" "$static/probe-init" "$build_dir/"
+    cp "$static/microvm-agent" "$static/testhost-init" "$static/netbench" "$static/hostile" \
+        "$static/probe-init" "$build_dir/"
 
     echo "== host tools"
     cargo build --quiet --workspace --bins

@@ -21,6 +21,35 @@ use protocols::vmm::{self, VmmArgs};
 const VSOCK_DIR: &str = "vsock";
 const VSOCK_SOCKET: &str = "vsock/vsock.sock";
 const VMM_LOG: &str = "vmm.log";
+/// The most the runtime reads of the VMM's log or the console file: their
+/// ends, where the reasons are.
+pub const LOG_TAIL_BYTES: u64 = 64 << 10;
+
+/// The last `max` bytes of the file at `path` (from the start of a line
+/// when cut), lossily decoded; empty when it cannot be read.
+pub fn read_tail(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max);
+    if file.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    // Whatever the guest appends meanwhile, no more than `max`.
+    if file.take(max).read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    if start > 0 {
+        if let Some((_, whole_lines)) = text.split_once('\n') {
+            return whole_lines.to_string();
+        }
+    }
+    text.into_owned()
+}
 /// The empty directory the jailed VMM's root is mounted on (in its own
 /// mount namespace only).
 const JAIL_ROOT: &str = "root";
@@ -493,10 +522,11 @@ impl Sandbox {
         }
     }
 
-    /// What the VMM printed (its errors), trimmed.
+    /// What the VMM printed last (its errors, why it stopped), trimmed: at
+    /// most the last [`LOG_TAIL_BYTES`] of its log, which a guest may have
+    /// made it fill.
     pub fn vmm_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join(VMM_LOG))
-            .unwrap_or_default()
+        read_tail(&self.dir.join(VMM_LOG), LOG_TAIL_BYTES)
             .trim()
             .to_string()
     }
@@ -505,7 +535,7 @@ impl Sandbox {
         let Some(path) = &self.console else {
             return " (rerun with --console FILE to see the guest's console)".into();
         };
-        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let text = read_tail(path, LOG_TAIL_BYTES);
         let lines: Vec<&str> = text.lines().collect();
         format!(
             "; last console lines:\n{}",
@@ -680,6 +710,24 @@ pub fn remove_state(dir: &Path) {
 mod tests {
     use super::*;
     use crate::network::NetAttachment;
+
+    #[test]
+    fn only_the_tail_of_a_huge_log_is_read() {
+        let dir = std::env::temp_dir().join(format!("microvm-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vmm.log");
+        let mut text = "a flood line from the guest\n".repeat(100_000);
+        text.push_str("microvm-vmm: guest stopped: power off\n");
+        std::fs::write(&path, &text).unwrap();
+        let tail = read_tail(&path, 1000);
+        assert!(tail.len() <= 1000, "{} bytes read", tail.len());
+        assert!(tail.starts_with("a flood line"), "cut at a line: {tail:?}");
+        assert!(tail.ends_with("guest stopped: power off\n"));
+        std::fs::write(&path, "short\n").unwrap();
+        assert_eq!(read_tail(&path, 1000), "short\n");
+        assert_eq!(read_tail(&dir.join("missing"), 1000), "");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// The VMM gets `--net fd=N,mac=..,mtu=..` with fd N open in it; the
     /// config gives its copy up.

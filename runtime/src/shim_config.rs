@@ -15,6 +15,9 @@
 //! vmm = "/usr/bin/microvm-vmm"
 //! vcpus = 1
 //! memory_mib = 256        # the pod's overhead is this plus the VMM (~10 MiB)
+//! default_maxvcpus = 0    # the most vCPUs a pod's VM gets, whatever its
+//!                         # limits ask (0: the host's CPUs, at most 32)
+//! default_maxmemory = 0   # the most MiB a pod's VM gets (0: the host's RAM)
 //! console = "/var/log/microvm/console.log"   # the guest's serial console
 //! kernel_params = ""
 //! jail = true             # confine the VMM (namespaces, root, capabilities)
@@ -64,6 +67,10 @@ pub struct Hypervisor {
     pub vmm: Option<PathBuf>,
     pub vcpus: Option<u8>,
     pub memory_mib: Option<u32>,
+    /// Kata's name: the most vCPUs a VM gets (0 or absent: see [`Sizing`]).
+    pub default_maxvcpus: Option<u32>,
+    /// Kata's name: the most memory a VM gets, MiB (0 or absent: the host's).
+    pub default_maxmemory: Option<u32>,
     pub console: Option<PathBuf>,
     pub kernel_params: Option<String>,
     pub jail: Option<bool>,
@@ -121,10 +128,78 @@ pub fn config_path_option(type_url: &str, value: &[u8]) -> Result<Option<PathBuf
     Ok(config_path.filter(|p| !p.is_empty()).map(PathBuf::from))
 }
 
+/// The most vCPUs the VMM takes (its MP table's limit, `vmm`'s
+/// `mptable::MAX_CPUS`).
+pub const VMM_MAX_VCPUS: u8 = 32;
+
+/// The largest VM a pod gets, whatever its sizing annotations or limits
+/// ask: `default_maxvcpus` and `default_maxmemory`, each at most what the
+/// host has (and the VMM takes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizing {
+    pub max_memory_mib: u32,
+    pub max_vcpus: u8,
+}
+
+/// What the host has: its RAM in MiB and its CPUs.
+#[derive(Debug, Clone, Copy)]
+pub struct Host {
+    pub memory_mib: u32,
+    pub cpus: usize,
+}
+
+impl Host {
+    /// This host: `MemTotal` of /proc/meminfo, the CPUs this process may use.
+    pub fn this() -> Self {
+        let memory_kib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("MemTotal:"))
+                    .and_then(|rest| {
+                        rest.trim()
+                            .trim_end_matches("kB")
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    })
+            })
+            .unwrap_or(u64::MAX);
+        Self {
+            memory_mib: u32::try_from(memory_kib / 1024).unwrap_or(u32::MAX),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+impl Sizing {
+    /// The maxima of `hypervisor` on `host`: 0 or absent means the host's.
+    pub fn new(hypervisor: &Hypervisor, host: Host) -> Self {
+        let host_cpus = u8::try_from(host.cpus)
+            .unwrap_or(u8::MAX)
+            .clamp(1, VMM_MAX_VCPUS);
+        let max_vcpus = match hypervisor.default_maxvcpus {
+            Some(n) if n > 0 => u8::try_from(n).unwrap_or(u8::MAX).min(host_cpus),
+            _ => host_cpus,
+        };
+        let max_memory_mib = match hypervisor.default_maxmemory {
+            Some(n) if n > 0 => n.min(host.memory_mib),
+            _ => host.memory_mib,
+        };
+        Self {
+            max_memory_mib,
+            max_vcpus,
+        }
+    }
+}
+
 /// The pod's VM configuration: the configuration file's settings (the file
 /// `option` names, else the one [`find`] finds) over the defaults; sets the
-/// shim's log level.
-pub fn sandbox_config(option: Option<&Path>) -> Result<SandboxConfig, String> {
+/// shim's log level. With the largest VM a pod may get on `host`.
+pub fn sandbox_config(
+    option: Option<&Path>,
+    host: Host,
+) -> Result<(SandboxConfig, Sizing), String> {
     let file = match find(option) {
         Some(path) => {
             let file = load(&path)?;
@@ -142,6 +217,7 @@ pub fn sandbox_config(option: Option<&Path>) -> Result<SandboxConfig, String> {
         None => ConfigFile::default(),
     };
     let h = file.hypervisor;
+    let sizing = Sizing::new(&h, host);
     let mut config = SandboxConfig::with_assets(h.kernel, h.initrd, h.vmm).map_err(|e| {
         format!(
             "{e} (or set it in {})",
@@ -170,24 +246,37 @@ pub fn sandbox_config(option: Option<&Path>) -> Result<SandboxConfig, String> {
     if let Some(secs) = file.agent.unresponsive_secs {
         config.agent_unresponsive = crate::config::unresponsive_limit(secs);
     }
-    Ok(config)
+    Ok((config, sizing))
 }
 
 /// Grows a pod's VM by its workload, as Kata's static sandbox sizing does:
 /// the configured size is what the guest itself needs, the containers'
-/// limits come on top (memory in full; vCPUs up to `host_cpus`, as more
-/// vCPUs than host CPUs only add contention).
+/// limits come on top; then clamps both to `sizing` (a pod asking for
+/// 7 TiB or 64 CPUs gets the maxima, and starts). Returns what was
+/// clamped, for the shim's log.
 pub fn size_for_workload(
     config: &mut SandboxConfig,
     workload: crate::shim::spec::PodWorkload,
-    host_cpus: usize,
-) {
-    config.memory_mib = config.memory_mib.saturating_add(workload.memory_mib);
+    sizing: Sizing,
+) -> Vec<String> {
+    let mut clamped = Vec::new();
+    let memory_mib = config.memory_mib.saturating_add(workload.memory_mib);
+    config.memory_mib = memory_mib.min(sizing.max_memory_mib);
+    if config.memory_mib < memory_mib {
+        clamped.push(format!(
+            "memory {memory_mib} MiB clamped to default_maxmemory {} MiB",
+            sizing.max_memory_mib
+        ));
+    }
     let cpus = u32::from(config.cpus).saturating_add(workload.vcpus);
-    let limit = u32::try_from(host_cpus)
-        .unwrap_or(u32::MAX)
-        .clamp(1, u32::from(u8::MAX));
-    config.cpus = cpus.min(limit.max(u32::from(config.cpus))) as u8;
+    config.cpus = cpus.min(u32::from(sizing.max_vcpus)).max(1) as u8;
+    if u32::from(config.cpus) < cpus {
+        clamped.push(format!(
+            "{cpus} vCPUs clamped to default_maxvcpus {}",
+            sizing.max_vcpus
+        ));
+    }
+    clamped
 }
 
 #[cfg(test)]
@@ -206,14 +295,82 @@ mod tests {
             memory_mib: 512,
             vcpus: 2,
         };
-        size_for_workload(&mut config, workload, 8);
+        let roomy = Sizing {
+            max_memory_mib: 1 << 20,
+            max_vcpus: 8,
+        };
+        assert!(size_for_workload(&mut config, workload, roomy).is_empty());
         assert_eq!((config.memory_mib, config.cpus), (768, 3));
-        // No more vCPUs than the host has, but never fewer than configured.
-        size_for_workload(&mut config, workload, 4);
-        assert_eq!((config.memory_mib, config.cpus), (1280, 4));
-        config.cpus = 2;
-        size_for_workload(&mut config, PodWorkload::default(), 1);
-        assert_eq!((config.memory_mib, config.cpus), (1280, 2));
+        let clamped = size_for_workload(
+            &mut config,
+            workload,
+            Sizing {
+                max_memory_mib: 1000,
+                max_vcpus: 4,
+            },
+        );
+        assert_eq!((config.memory_mib, config.cpus), (1000, 4));
+        assert_eq!(
+            clamped,
+            [
+                "memory 1280 MiB clamped to default_maxmemory 1000 MiB",
+                "5 vCPUs clamped to default_maxvcpus 4"
+            ]
+        );
+    }
+
+    #[test]
+    fn huge_limits_are_clamped_to_the_configured_maxima() {
+        let mut config =
+            SandboxConfig::with_assets(Some("/k".into()), Some("/i".into()), Some("/v".into()))
+                .unwrap();
+        config.memory_mib = 256;
+        config.cpus = 1;
+        // limits.memory: 7Ti, limits.cpu: 64.
+        let workload = PodWorkload {
+            memory_mib: 7 << 20,
+            vcpus: 64,
+        };
+        let host = Host {
+            memory_mib: 16 << 10,
+            cpus: 96,
+        };
+        let defaults = Sizing::new(&Hypervisor::default(), host);
+        assert_eq!(
+            defaults,
+            Sizing {
+                max_memory_mib: 16 << 10,
+                max_vcpus: VMM_MAX_VCPUS
+            },
+            "the host's RAM; its CPUs, at most what the VMM takes"
+        );
+        let clamped = size_for_workload(&mut config, workload, defaults);
+        assert_eq!((config.memory_mib, config.cpus), (16 << 10, 32));
+        assert_eq!(clamped.len(), 2, "{clamped:?}");
+        // Configured maxima, themselves at most the host's.
+        let file: ConfigFile =
+            toml::from_str("[hypervisor]\ndefault_maxvcpus = 4\ndefault_maxmemory = 2048\n")
+                .unwrap();
+        let sizing = Sizing::new(&file.hypervisor, host);
+        assert_eq!((sizing.max_memory_mib, sizing.max_vcpus), (2048, 4));
+        // The shipped configuration names them, 0: the host's.
+        let shipped: ConfigFile =
+            toml::from_str(include_str!("../../deploy/configuration.toml")).unwrap();
+        assert_eq!(Sizing::new(&shipped.hypervisor, host), defaults);
+        let file: ConfigFile =
+            toml::from_str("[hypervisor]\ndefault_maxvcpus = 300\ndefault_maxmemory = 99999999\n")
+                .unwrap();
+        let sizing = Sizing::new(
+            &file.hypervisor,
+            Host {
+                memory_mib: 4096,
+                cpus: 2,
+            },
+        );
+        assert_eq!((sizing.max_memory_mib, sizing.max_vcpus), (4096, 2));
+        // The host's own figures are read.
+        let this = Host::this();
+        assert!(this.memory_mib > 0 && this.memory_mib < u32::MAX && this.cpus >= 1);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod fuzzing;
 pub mod jail;
 pub mod kvm;
 pub mod layout;
+pub mod logger;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

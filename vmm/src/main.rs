@@ -22,6 +22,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use protocols::vmm::{self as vmm_args, VmmArgs};
 use vmm::jail::{self, seccomp};
+use vmm::logger::{Capped, MAX_LOG_BYTES};
 use vmm::vcpu::VmExit;
 use vmm::vm::Vm;
 use vmm::{Console, FsConfig, VmConfig, VsockConfig};
@@ -124,6 +125,25 @@ fn build(args: Vec<OsString>) -> Result<Vm> {
     Ok(vm)
 }
 
+/// The cap on what the VMM logs: `MICROVM_LOG_MAX_BYTES`, or
+/// [`MAX_LOG_BYTES`].
+fn log_cap() -> u64 {
+    std::env::var("MICROVM_LOG_MAX_BYTES")
+        .ok()
+        .and_then(|bytes| bytes.parse().ok())
+        .unwrap_or(MAX_LOG_BYTES)
+}
+
+/// How many guest-triggered lines the rate limit kept out of the log, per
+/// call site: one line, past the log's cap (its length is bounded by the
+/// number of call sites).
+fn report_suppressed_lines() {
+    let report = vmm::logger::report_suppressed();
+    if !report.is_empty() {
+        eprintln!("microvm-vmm: {report}");
+    }
+}
+
 fn main() -> ExitCode {
     vmm::startup_ms();
     tracing_subscriber::fmt()
@@ -131,7 +151,13 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("MICROVM_LOG")
                 .unwrap_or_else(|_| "warn".into()),
         )
-        .with_writer(std::io::stderr)
+        // The guest can make the VMM log (rate-limited per call site): the
+        // log, a file on the host, is capped too.
+        .with_writer(std::sync::Mutex::new(Capped::new(
+            std::io::stderr(),
+            log_cap(),
+            "vmm.log",
+        )))
         .init();
     let vm = match build(std::env::args_os().skip(1).collect()) {
         Ok(vm) => vm,
@@ -142,12 +168,14 @@ fn main() -> ExitCode {
     };
     match vm.run() {
         VmExit::GuestStopped(how) => {
+            report_suppressed_lines();
             // One line for whoever supervises us (the runtime keeps it in the VM's log).
             eprintln!("microvm-vmm: guest stopped: {how}");
             // vCPU threads may still be blocked in KVM_RUN: leave now.
             std::process::exit(0)
         }
         VmExit::Failed(reason) => {
+            report_suppressed_lines();
             eprintln!("microvm-vmm: the VM failed: {reason}");
             std::process::exit(1)
         }

@@ -120,7 +120,7 @@ pub fn run(mut vcpu: VcpuFd, index: u8, pio: Arc<Bus>, mmio: Arc<Bus>, exit: Arc
                     "KVM internal error on vCPU {index} (an instruction KVM could not emulate)"
                 ));
             }
-            Ok(other) => tracing::debug!("vCPU {index}: unhandled exit {other:?}"),
+            Ok(other) => crate::guest_debug!("vCPU {index}: unhandled exit {other:?}"),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
             Err(e) => break VmExit::Failed(format!("running vCPU {index}: {e}")),
         }

@@ -24,6 +24,7 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::jail::{self, ThreadKind};
 use crate::kvm::{self, KvmError};
 use crate::layout;
+use crate::logger::{Capped, MAX_CONSOLE_BYTES};
 use crate::memory::create_guest_memory;
 use crate::vcpu::{self, ExitSignal, VmExit};
 
@@ -154,14 +155,15 @@ fn console_writer(console: &Console) -> Result<Box<dyn Write + Send>, VmError> {
     Ok(match console {
         Console::Off => Box::new(std::io::sink()),
         Console::Stdout => Box::new(std::io::stdout()),
-        Console::File(path) => {
-            Box::new(
-                std::fs::File::create(path).map_err(|source| VmError::ConsoleFile {
-                    path: path.clone(),
-                    source,
-                })?,
-            )
-        }
+        // The guest writes what it likes to its console: the file is capped.
+        Console::File(path) => Box::new(Capped::new(
+            std::fs::File::create(path).map_err(|source| VmError::ConsoleFile {
+                path: path.clone(),
+                source,
+            })?,
+            MAX_CONSOLE_BYTES,
+            "the console file",
+        )),
     })
 }
 

@@ -195,12 +195,15 @@ impl TaskService {
             }
             return Ok(pod.clone());
         }
-        let mut config = crate::shim_config::sandbox_config(config_path)
-            .map_err(PodError::FailedPrecondition)?;
+        let (mut config, sizing) =
+            crate::shim_config::sandbox_config(config_path, crate::shim_config::Host::this())
+                .map_err(PodError::FailedPrecondition)?;
         let workload = spec::pod_workload(spec).map_err(PodError::InvalidArgument)?;
+        let clamped = crate::shim_config::size_for_workload(&mut config, workload, sizing);
+        for what in &clamped {
+            tracing::warn!("pod {pod_id}: {what}");
+        }
         if workload != spec::PodWorkload::default() {
-            let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-            crate::shim_config::size_for_workload(&mut config, workload, host_cpus);
             tracing::info!(
                 "pod {pod_id}: containers' limits {} MiB, {} CPUs: VM of {} MiB, {} vCPUs",
                 workload.memory_mib,

@@ -41,7 +41,7 @@ impl BusDevice for SerialConsole {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() == 1 && offset < 8 {
             if let Err(e) = self.uart.write(offset as u8, data[0]) {
-                tracing::debug!("serial write: {e:?}");
+                crate::guest_debug!("serial write: {e:?}");
             }
         }
     }

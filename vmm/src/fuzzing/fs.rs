@@ -20,6 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::driver::{guest_memory, Driver, Segment};
 use super::{Input, ScratchDir};
 use crate::devices::virtio::fs::event_handler::QueueState;
+use crate::devices::virtio::fs::guard::MAX_OPEN_HANDLES;
+use crate::devices::virtio::fs::listings::MAX_LISTINGS_BYTES;
 use crate::devices::virtio::fs::memory_view::{view_memory, view_queue};
 use crate::devices::virtio::fs::server::new_server;
 use crate::devices::virtio::fs::{HIPRIO_QUEUE, NUM_QUEUES, REQUEST_QUEUE};
@@ -130,13 +132,22 @@ fn populate(dir: &Path) -> std::path::PathBuf {
 /// requests the fuzzer shaped (raw chains may hold more).
 fn check(driver: &Driver, state: &QueueState, dir: &Path, requests: u64) {
     driver.check_all_used();
-    // At most one listing per directory read.
-    // TODO(issue 21, item 7): assert the server's listing budget (and the
-    // descriptors it holds) against its cap constant once it lands.
-    let listings = state.server.held_listings() as u64;
+    // At most one listing per directory read, all within their budget;
+    // open files and directories within their cap.
+    let listings = state.server.listings().count() as u64;
     assert!(
         listings <= requests + driver.raw_chains(),
         "{listings} listings held after {requests} requests"
+    );
+    let held = state.server.listings().held_bytes();
+    assert!(
+        held <= MAX_LISTINGS_BYTES,
+        "listings hold {held} bytes, at most {MAX_LISTINGS_BYTES}"
+    );
+    let handles = state.server.open_handles();
+    assert!(
+        handles <= MAX_OPEN_HANDLES,
+        "{handles} open handles, at most {MAX_OPEN_HANDLES}"
     );
     let mut beside: Vec<_> = std::fs::read_dir(dir)
         .expect("the scratch directory")

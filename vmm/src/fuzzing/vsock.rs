@@ -19,6 +19,7 @@ use vm_memory::ByteValued;
 use super::driver::{guest_memory, Driver, Segment};
 use super::{run_until_idle, Input, ScratchDir};
 use crate::devices::virtio::mmio::FEATURE_VERSION_1;
+use crate::devices::virtio::vsock::muxer::{MAX_CONNECTIONS, MAX_PENDING_CONTROL};
 use crate::devices::virtio::vsock::packet::*;
 use crate::devices::virtio::vsock::{Vsock, RX_QUEUE, TX_QUEUE};
 use crate::devices::virtio::VirtioDevice;
@@ -31,11 +32,6 @@ const LISTENING_PORTS: [u32; 2] = [1024, 1025];
 /// gives host-initiated connections.
 const HOST_PORTS: [u32; 5] = [1024, 1025, 9999, 1 << 30, (1 << 30) + 1];
 const GUEST_PORTS: [u32; 3] = [50000, 50001, 52];
-
-/// The most connections the muxer may hold.
-// TODO(issue 21, item 6): assert the muxer's own cap (1023, Firecracker's)
-// once it lands, and the control queue's (256) through an accessor.
-const MAX_CONNECTIONS: usize = 1023;
 
 /// Host programs' sockets: what they connected, what they accepted.
 #[derive(Default)]
@@ -120,10 +116,17 @@ fn check(
     rx_checked: &mut u16,
 ) {
     driver.check_all_used();
-    let connections = device.lock().unwrap().connection_count();
+    let (connections, control) = {
+        let device = device.lock().unwrap();
+        (device.connection_count(), device.muxer().pending_control())
+    };
     assert!(
         connections <= MAX_CONNECTIONS,
         "{connections} connections, at most {MAX_CONNECTIONS}"
+    );
+    assert!(
+        control <= MAX_PENDING_CONTROL,
+        "{control} control packets waiting, at most {MAX_PENDING_CONTROL}"
     );
     // Every RX packet written into a buffer of ours (the ring untouched by
     // hand, nothing written over the buffer since) is a whole packet from

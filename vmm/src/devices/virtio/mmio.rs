@@ -96,7 +96,7 @@ impl MmioTransport {
             return;
         }
         if data.len() != 4 {
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: {}-byte read of register {offset:#x} ignored",
                 data.len()
             );
@@ -119,7 +119,7 @@ impl MmioTransport {
             REG_STATUS => self.status,
             REG_CONFIG_GENERATION => self.config_generation,
             _ => {
-                tracing::warn!("virtio-mmio: read of unknown register {offset:#x}");
+                crate::guest_warn!("virtio-mmio: read of unknown register {offset:#x}");
                 0
             }
         };
@@ -132,7 +132,7 @@ impl MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: {}-byte write of register {offset:#x} ignored",
                 data.len()
             );
@@ -172,7 +172,7 @@ impl MmioTransport {
             REG_QUEUE_DEVICE_HIGH => {
                 self.configure_queue(|q| q.set_used_ring_address(None, Some(value)))
             }
-            _ => tracing::warn!("virtio-mmio: write of unknown register {offset:#x}"),
+            _ => crate::guest_warn!("virtio-mmio: write of unknown register {offset:#x}"),
         }
     }
 
@@ -189,7 +189,7 @@ impl MmioTransport {
             & (STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED)
             == (STATUS_DRIVER | STATUS_FEATURES_OK);
         if !setting_up {
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: queue register written in status {:#x}; ignored",
                 self.status
             );
@@ -203,7 +203,7 @@ impl MmioTransport {
 
     fn write_driver_features(&mut self, value: u32) {
         if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) != STATUS_DRIVER {
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: features written in status {:#x}; ignored",
                 self.status
             );
@@ -225,7 +225,7 @@ impl MmioTransport {
         let device = self.locked();
         if let Some(event) = device.queue_events().get(queue_index as usize) {
             if let Err(e) = event.write(1) {
-                tracing::warn!("virtio-mmio: notifying queue {queue_index}: {e}");
+                crate::guest_warn!("virtio-mmio: notifying queue {queue_index}: {e}");
             }
         }
     }
@@ -241,7 +241,7 @@ impl MmioTransport {
         }
         // The driver only ever adds bits, one step at a time.
         if value & self.status != self.status {
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: status {:#x} -> {value:#x} drops bits; ignored",
                 self.status
             );
@@ -256,7 +256,7 @@ impl MmioTransport {
                 if self.locked().acked_features() & FEATURE_VERSION_1 != 0 {
                     self.status = value;
                 } else {
-                    tracing::warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
+                    crate::guest_warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
                 }
             }
             STATUS_DRIVER_OK
@@ -265,7 +265,7 @@ impl MmioTransport {
                 self.status = value;
                 self.activate();
             }
-            _ => tracing::warn!(
+            _ => crate::guest_warn!(
                 "virtio-mmio: status {:#x} -> {value:#x} out of order; ignored",
                 self.status
             ),
@@ -290,7 +290,7 @@ impl MmioTransport {
             None => device.activate(memory),
         };
         if let Err(e) = result {
-            tracing::error!(
+            crate::guest_error!(
                 "virtio-mmio: activating device type {}: {e}",
                 device.device_type()
             );
@@ -304,7 +304,7 @@ impl MmioTransport {
     fn reset(&mut self) {
         let mut device = self.locked();
         if device.is_activated() && !device.reset() {
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: device type {} cannot be reset",
                 device.device_type()
             );

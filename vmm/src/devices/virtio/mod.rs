@@ -172,7 +172,7 @@ pub trait VirtioDevice: Send {
     /// A driver write to the config space: ignored, as the config of every
     /// device here is read-only to the driver.
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!(
+        crate::guest_warn!(
             "virtio device type {}: ignoring a write to its read-only config space at {offset:#x}",
             self.device_type()
         );

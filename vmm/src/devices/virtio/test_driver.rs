@@ -90,7 +90,21 @@ impl<'a> GuestDriver<'a> {
     /// Queue `queue` as the transport programs it from the driver's
     /// register writes: size, ring addresses, ready.
     pub(crate) fn device_queue(&self, queue: usize) -> Queue {
-        self.queues[queue].create_queue().unwrap()
+        use virtio_queue::QueueT;
+        let mut device_queue: Queue = self.queues[queue].create_queue().unwrap();
+        let used = self.used_addr(queue);
+        device_queue.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+        device_queue
+    }
+
+    /// Where `queue`'s used ring is: after the whole avail ring. (The
+    /// mock's own used ring starts inside the avail ring of a 256-entry
+    /// queue, at slot 128: virtio-queue's mock sizes the avail ring in
+    /// entries, not bytes. A driver past 128 chains then found its avail
+    /// slots overwritten by the device's used index.)
+    fn used_addr(&self, queue: usize) -> u64 {
+        let avail_end = self.avail_addr(queue) + 4 + 2 * QUEUE_LEN as u64 + 2;
+        avail_end.next_multiple_of(4)
     }
 
     /// Programs every queue of `device` as the transport would, acks
@@ -257,12 +271,14 @@ impl<'a> GuestDriver<'a> {
 
     /// The used ring's index of `queue`.
     pub(crate) fn used_idx(&self, queue: usize) -> u16 {
-        self.queues[queue].used().idx().load()
+        self.memory
+            .read_obj(GuestAddress(self.used_addr(queue) + 2))
+            .unwrap()
     }
 
     /// Used element `n` of `queue`: (head index, used length).
     pub(crate) fn used(&self, queue: usize, n: u16) -> (u32, u32) {
-        let ring = self.queues[queue].used_addr().0 + 4 + (n % QUEUE_LEN) as u64 * 8;
+        let ring = self.used_addr(queue) + 4 + (n % QUEUE_LEN) as u64 * 8;
         let id: u32 = self.memory.read_obj(GuestAddress(ring)).unwrap();
         let len: u32 = self.memory.read_obj(GuestAddress(ring + 4)).unwrap();
         (id, len)
@@ -313,7 +329,7 @@ impl<'a> GuestDriver<'a> {
     /// EVENT_IDX: the device's avail_event of `queue` (kick once the avail
     /// index passes it).
     pub(crate) fn avail_event(&self, queue: usize) -> u16 {
-        let address = self.queues[queue].used_addr().0 + 4 + QUEUE_LEN as u64 * 8;
+        let address = self.used_addr(queue) + 4 + QUEUE_LEN as u64 * 8;
         self.memory.read_obj(GuestAddress(address)).unwrap()
     }
 }

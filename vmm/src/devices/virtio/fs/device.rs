@@ -46,6 +46,11 @@ impl Fs {
         })
     }
 
+    /// The FUSE server (its limits and counters, for tests and fuzzing).
+    pub fn server(&self) -> &Arc<FsServer> {
+        &self.server
+    }
+
     pub fn tag(&self) -> &str {
         &self.tag
     }

@@ -77,7 +77,7 @@ impl Worker {
                 while let Ok(mut state) = job_rx.recv() {
                     match state.epoll(&thread_stop) {
                         Ok(epoll) => state.run(&epoll, &thread_stop),
-                        Err(e) => tracing::error!("virtio-fs: watching the queues: {e}"),
+                        Err(e) => crate::guest_error!("virtio-fs: watching the queues: {e}"),
                     }
                     drop(state);
                     if done_tx.send(()).is_err() {
@@ -123,7 +123,7 @@ impl Worker {
         }
         self.serving = false;
         if let Err(e) = self.stop.write(1) {
-            tracing::error!("virtio-fs: stopping its thread: {e}");
+            crate::guest_error!("virtio-fs: stopping its thread: {e}");
             return;
         }
         let _ = self.done.recv();
@@ -167,7 +167,7 @@ impl QueueState {
                 Ok(count) => count,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::error!("virtio-fs: waiting for requests: {e}");
+                    crate::guest_error!("virtio-fs: waiting for requests: {e}");
                     return;
                 }
             };
@@ -209,14 +209,14 @@ impl QueueState {
                 let head = chain.head_index();
                 let used = serve_chain(&self.server, memory, chain);
                 if let Err(e) = queue.add_used(memory, head, used) {
-                    tracing::error!("virtio-fs: returning buffer {head}: {e}");
+                    crate::guest_error!("virtio-fs: returning buffer {head}: {e}");
                 }
                 served += 1;
             }
             // Completions are announced once per pass over the ring.
             if served > 0 && queue.needs_notification(memory).unwrap_or(true) {
                 if let Err(e) = self.interrupt.trigger(INTERRUPT_USED_RING) {
-                    tracing::error!("virtio-fs: raising the interrupt: {e}");
+                    crate::guest_error!("virtio-fs: raising the interrupt: {e}");
                 }
             }
             match queue.enable_notification(memory) {
@@ -228,7 +228,7 @@ impl QueueState {
                     // rather than spin.
                     empty_passes = if served == 0 { empty_passes + 1 } else { 0 };
                     if empty_passes >= 2 {
-                        tracing::error!(
+                        crate::guest_error!(
                             "virtio-fs: queue {index}'s available ring is corrupt; \
                              not serving it until the device is reset"
                         );
@@ -238,7 +238,9 @@ impl QueueState {
                 }
                 Ok(false) => break,
                 Err(e) => {
-                    tracing::error!("virtio-fs: re-enabling notifications on queue {index}: {e}");
+                    crate::guest_error!(
+                        "virtio-fs: re-enabling notifications on queue {index}: {e}"
+                    );
                     break;
                 }
             }

@@ -41,8 +41,15 @@ const BATCH_BYTES: u32 = 64 * 1024;
 /// request the device takes (256 pages).
 const MAX_REPLY: usize = 1 << 20;
 
-/// The most names a listing holds (some 200 MiB of them at most).
-const MAX_LISTED: usize = 1 << 22;
+/// The most names a listing holds.
+pub const MAX_LISTED: usize = 1 << 22;
+
+/// The most memory the listings of one share hold together (names and
+/// their records): a guest opening a huge directory many times, or many
+/// huge directories, gets ENOMEM from the directory read past it instead
+/// of growing the VMM. A listing of 100,000 names of 20 bytes takes some
+/// 6 MiB.
+pub const MAX_LISTINGS_BYTES: usize = 64 << 20;
 
 /// One name of a listed directory.
 struct Listed {
@@ -51,10 +58,43 @@ struct Listed {
     type_: u32,
 }
 
+impl Listed {
+    /// What it costs in memory, roughly: its record and its name.
+    fn cost(&self) -> usize {
+        size_of::<Listed>() + self.name.as_bytes_with_nul().len()
+    }
+}
+
 /// The listings of the directories the guest is reading, by handle.
 #[derive(Default)]
 pub struct Listings {
-    open: Mutex<HashMap<u64, Vec<Listed>>>,
+    state: Mutex<State>,
+}
+
+struct State {
+    open: HashMap<u64, Vec<Listed>>,
+    /// What `open` costs, at most `budget`.
+    held: usize,
+    /// [`MAX_LISTINGS_BYTES`], or lower for tests.
+    budget: usize,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            open: HashMap::new(),
+            held: 0,
+            budget: MAX_LISTINGS_BYTES,
+        }
+    }
+}
+
+impl State {
+    fn drop_listing(&mut self, fh: u64) {
+        if let Some(listing) = self.open.remove(&fh) {
+            self.held -= listing.iter().map(Listed::cost).sum::<usize>();
+        }
+    }
 }
 
 /// Whether [`Listings::answer`] serves requests with this opcode.
@@ -63,11 +103,6 @@ pub fn answered_here(opcode: u32) -> bool {
 }
 
 impl Listings {
-    /// How many listings are held (one per directory handle being read).
-    pub fn held(&self) -> usize {
-        self.open.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
     /// Answers a READDIR or READDIRPLUS whose header is `header` (already
     /// read from `body`); returns the reply's length.
     pub fn answer(
@@ -91,16 +126,19 @@ impl Listings {
             gid: header.gid,
             pid: header.pid as libc::pid_t,
         };
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        if request.offset == 0 || !open.contains_key(&request.fh) {
-            match list(vfs, &caller, header.nodeid, request.fh) {
-                Ok(listing) => {
-                    open.insert(request.fh, listing);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if request.offset == 0 || !state.open.contains_key(&request.fh) {
+            state.drop_listing(request.fh);
+            let budget = state.budget.saturating_sub(state.held);
+            match list(vfs, &caller, header.nodeid, request.fh, budget) {
+                Ok((listing, cost)) => {
+                    state.held += cost;
+                    state.open.insert(request.fh, listing);
                 }
                 Err(e) => return reply(writer, header, Err(e.raw_os_error().unwrap_or(libc::EIO))),
             }
         }
-        let listing = &open[&request.fh];
+        let listing = &state.open[&request.fh];
         let first = usize::try_from(request.offset).unwrap_or(usize::MAX);
         let mut payload = Vec::new();
         for (index, listed) in listing.iter().enumerate().skip(first) {
@@ -142,21 +180,50 @@ impl Listings {
     /// guest closed the directory) drops its listing, INIT (a new session:
     /// the guest's driver started over) every listing.
     pub fn see_forwarded(&self, header: &InHeader, mut body: Reader<'_, ()>) {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if header.opcode == Opcode::Releasedir as u32 {
             if let Ok(release) = body.read_obj::<ReleaseIn>() {
-                open.remove(&release.fh);
+                state.drop_listing(release.fh);
             }
         } else if header.opcode == Opcode::Init as u32 {
-            open.clear();
+            state.open.clear();
+            state.held = 0;
         }
+    }
+
+    /// Lowers the memory budget of the listings below
+    /// [`MAX_LISTINGS_BYTES`] (tests and fuzzing reach it with small
+    /// directories).
+    pub fn set_budget(&self, bytes: usize) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).budget = bytes.min(MAX_LISTINGS_BYTES);
+    }
+
+    /// The memory the open listings hold (at most [`MAX_LISTINGS_BYTES`]).
+    pub fn held_bytes(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).held
+    }
+
+    /// How many listings are open.
+    pub fn count(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .open
+            .len()
     }
 }
 
 /// Every name in the open directory `nodeid`/`fh`: "." and ".." (which the
 /// passthrough file system leaves out), then the rest, read from the file
-/// system in batches, each picking up where the last ended.
-fn list(vfs: &Vfs, caller: &Context, nodeid: u64, fh: u64) -> io::Result<Vec<Listed>> {
+/// system in batches, each picking up where the last ended; and what it
+/// costs. ENOMEM when it would cost more than `budget` bytes.
+fn list(
+    vfs: &Vfs,
+    caller: &Context,
+    nodeid: u64,
+    fh: u64,
+    budget: usize,
+) -> io::Result<(Vec<Listed>, usize)> {
     let (here, parent) = dot_inodes(vfs, caller, nodeid)?;
     let mut listing = vec![
         Listed {
@@ -170,6 +237,7 @@ fn list(vfs: &Vfs, caller: &Context, nodeid: u64, fh: u64) -> io::Result<Vec<Lis
             type_: libc::DT_DIR.into(),
         },
     ];
+    let mut cost: usize = listing.iter().map(Listed::cost).sum();
     let mut offset = 0;
     loop {
         let (before, mut added) = (offset, 0usize);
@@ -182,11 +250,16 @@ fn list(vfs: &Vfs, caller: &Context, nodeid: u64, fh: u64) -> io::Result<Vec<Lis
             &mut |entry| {
                 let name = CString::new(entry.name)
                     .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-                listing.push(Listed {
+                let listed = Listed {
                     name,
                     ino: entry.ino,
                     type_: entry.type_,
-                });
+                };
+                cost += listed.cost();
+                if cost > budget {
+                    return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+                }
+                listing.push(listed);
                 offset = entry.offset;
                 added += 1;
                 Ok(1)
@@ -196,9 +269,9 @@ fn list(vfs: &Vfs, caller: &Context, nodeid: u64, fh: u64) -> io::Result<Vec<Lis
         // this loop read the same batch again.
         if added == 0 || offset == before || listing.len() >= MAX_LISTED {
             if listing.len() >= MAX_LISTED {
-                tracing::warn!("virtio-fs: a directory listing stops at {MAX_LISTED} names");
+                crate::guest_warn!("virtio-fs: a directory listing stops at {MAX_LISTED} names");
             }
-            return Ok(listing);
+            return Ok((listing, cost));
         }
     }
 }

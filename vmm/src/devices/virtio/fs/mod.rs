@@ -9,6 +9,9 @@
 //!   raises the interrupt;
 //! - [`server`]: the backend: `fuse-backend-rs`'s passthrough file system
 //!   and FUSE server, and one request served from one descriptor chain;
+//! - [`guard`]: what the guest may not do to the host through the share
+//!   (device nodes, set-ID bits, privileged extended attributes) and the
+//!   cap on open handles;
 //! - [`listings`]: directory reads served from a listing taken at their
 //!   start, whose offsets removals do not move;
 //! - [`memory_view`]: guest memory and queues in the FUSE server's types;
@@ -34,6 +37,7 @@
 
 pub mod device;
 pub mod event_handler;
+pub mod guard;
 pub mod listings;
 pub mod memory_view;
 pub mod request_limits;

@@ -17,6 +17,7 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config as PassthroughConfig, Pas
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use fuse_virtio_queue::DescriptorChain;
 
+use super::guard::Guarded;
 use super::listings::{self, Listings};
 use super::memory_view::FuseMemory;
 use super::{request_limits, round_trips, FsError};
@@ -29,24 +30,37 @@ pub const CACHE_TIMEOUT: Duration = Duration::from_secs(5);
 /// What serves one fs device's requests: the FUSE server, and the VFS it
 /// talks to (for the requests answered in [`round_trips`]).
 pub struct FsServer {
-    server: Server<Arc<Vfs>>,
+    server: Server<Arc<Guarded>>,
     vfs: Arc<Vfs>,
+    guard: Arc<Guarded>,
     listings: Listings,
 }
 
 impl FsServer {
-    /// How many directory listings the server holds for the guest.
-    pub fn held_listings(&self) -> usize {
-        self.listings.held()
+    /// Open files and directories (at most [`super::guard::MAX_OPEN_HANDLES`]).
+    pub fn open_handles(&self) -> usize {
+        self.guard.open_handles()
+    }
+
+    /// The limits on what the guest does to the share (see [`Guarded`]).
+    pub fn guard(&self) -> &Guarded {
+        &self.guard
+    }
+
+    /// The directory listings held (see [`Listings`]).
+    pub fn listings(&self) -> &Listings {
+        &self.listings
     }
 }
 
 /// A FUSE server exporting `dir`.
 pub fn new_server(dir: &Path) -> Result<Arc<FsServer>, FsError> {
     let vfs = Arc::new(vfs_over(passthrough(dir)?)?);
+    let guard = Arc::new(Guarded::new(vfs.clone()));
     Ok(Arc::new(FsServer {
-        server: Server::new(vfs.clone()),
+        server: Server::new(guard.clone()),
         vfs,
+        guard,
         listings: Listings::default(),
     }))
 }
@@ -156,14 +170,14 @@ pub fn serve_chain(
     let reader = match Reader::from_descriptor_chain(memory, chain.clone()) {
         Ok(reader) => reader,
         Err(e) => {
-            tracing::warn!("virtio-fs: a malformed request buffer: {e}");
+            crate::guest_warn!("virtio-fs: a malformed request buffer: {e}");
             return 0;
         }
     };
     let writer = match VirtioFsWriter::new(memory, chain) {
         Ok(writer) => writer,
         Err(e) => {
-            tracing::warn!("virtio-fs: a malformed reply buffer: {e}");
+            crate::guest_warn!("virtio-fs: a malformed reply buffer: {e}");
             return 0;
         }
     };
@@ -199,7 +213,7 @@ pub fn serve_chain(
     match served {
         Ok(len) => u32::try_from(len).unwrap_or(0),
         Err(e) => {
-            tracing::debug!("virtio-fs: request failed: {e}");
+            crate::guest_debug!("virtio-fs: request failed: {e}");
             0
         }
     }

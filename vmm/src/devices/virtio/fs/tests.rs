@@ -780,3 +780,307 @@ fn a_directory_read_while_its_names_are_removed_yields_every_name() {
         assert_eq!(header.error, 0, "RELEASEDIR failed");
     }
 }
+
+fn request(
+    driver: &mut FuseDriver,
+    fs: &Fs,
+    opcode: Opcode,
+    nodeid: u64,
+    parts: &[&[u8]],
+) -> (i32, Vec<u8>) {
+    let (_, header, reply) = call(driver, fs, opcode, nodeid, &parts.concat(), &[4096]);
+    (header.error, reply)
+}
+
+fn host_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).unwrap().mode()
+}
+
+#[test]
+fn the_guest_cannot_make_devices_set_id_files_or_privileged_xattrs() {
+    use fuse_backend_rs::abi::fuse_abi::{CreateIn, MkdirIn, MknodIn, SetattrIn, SetxattrIn};
+    let scratch = ScratchDir::new("guard");
+    let memory = guest_memory();
+    let (mut driver, fs) = session(&memory, &scratch.0);
+    let eperm = -libc::EPERM;
+
+    // Device nodes: refused, nothing on the host. FIFOs are fine.
+    for (name, kind) in [("chr\0", libc::S_IFCHR), ("blk\0", libc::S_IFBLK)] {
+        let body = MknodIn {
+            mode: kind | 0o666,
+            rdev: libc::makedev(1, 3) as u32,
+            ..Default::default()
+        };
+        let (error, _) = request(
+            &mut driver,
+            &fs,
+            Opcode::Mknod,
+            ROOT,
+            &[body.as_slice(), name.as_bytes()],
+        );
+        assert_eq!(error, eperm, "{name}");
+    }
+    assert!(!scratch.0.join("chr").exists() && !scratch.0.join("blk").exists());
+    let fifo = MknodIn {
+        mode: libc::S_IFIFO | 0o644,
+        ..Default::default()
+    };
+    let (error, _) = request(
+        &mut driver,
+        &fs,
+        Opcode::Mknod,
+        ROOT,
+        &[fifo.as_slice(), b"fifo\0"],
+    );
+    assert_eq!(error, 0);
+    assert_eq!(
+        host_mode(&scratch.0.join("fifo")) & libc::S_IFMT,
+        libc::S_IFIFO
+    );
+
+    // Set-ID bits: stripped from new files, by MKNOD and CREATE.
+    let regular = MknodIn {
+        mode: libc::S_IFREG | 0o6755,
+        ..Default::default()
+    };
+    let (error, _) = request(
+        &mut driver,
+        &fs,
+        Opcode::Mknod,
+        ROOT,
+        &[regular.as_slice(), b"made\0"],
+    );
+    assert_eq!(error, 0);
+    assert_eq!(host_mode(&scratch.0.join("made")) & 0o7777, 0o755);
+    let create = CreateIn {
+        flags: (libc::O_CREAT | libc::O_RDWR) as u32,
+        mode: libc::S_IFREG | 0o4755,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let (error, reply) = request(
+        &mut driver,
+        &fs,
+        Opcode::Create,
+        ROOT,
+        &[create.as_slice(), b"created\0"],
+    );
+    assert_eq!(error, 0);
+    let created = object::<EntryOut>(&reply).nodeid;
+    assert_eq!(host_mode(&scratch.0.join("created")) & 0o7777, 0o755);
+
+    // ... and from a chmod of a file, not of a directory (set-group-ID
+    // there passes the group on to new files).
+    let chmod = |mode: u32| SetattrIn {
+        valid: 1, // FATTR_MODE
+        mode,
+        ..Default::default()
+    };
+    let (error, _) = request(
+        &mut driver,
+        &fs,
+        Opcode::Setattr,
+        created,
+        &[chmod(libc::S_IFREG | 0o6711).as_slice()],
+    );
+    assert_eq!(error, 0);
+    assert_eq!(host_mode(&scratch.0.join("created")) & 0o7777, 0o711);
+    let mkdir = MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    let (error, reply) = request(
+        &mut driver,
+        &fs,
+        Opcode::Mkdir,
+        ROOT,
+        &[mkdir.as_slice(), b"dir\0"],
+    );
+    assert_eq!(error, 0);
+    let dir = object::<EntryOut>(&reply).nodeid;
+    let (error, _) = request(
+        &mut driver,
+        &fs,
+        Opcode::Setattr,
+        dir,
+        &[chmod(libc::S_IFDIR | 0o2775).as_slice()],
+    );
+    assert_eq!(error, 0);
+    assert_eq!(host_mode(&scratch.0.join("dir")) & 0o7777, 0o2775);
+
+    // Extended attributes: security.* and trusted.* refused both ways;
+    // user.* goes to the host file system (which may not support it).
+    for name in [
+        "security.capability\0",
+        "trusted.overlay.opaque\0",
+        "security.selinux\0",
+    ] {
+        let value = b"\x01\x00\x00\x02";
+        let body = SetxattrIn {
+            size: value.len() as u32,
+            flags: 0,
+        };
+        let (error, _) = request(
+            &mut driver,
+            &fs,
+            Opcode::Setxattr,
+            created,
+            &[body.as_slice(), name.as_bytes(), value],
+        );
+        assert_eq!(error, eperm, "{name}");
+        let (error, _) = request(
+            &mut driver,
+            &fs,
+            Opcode::Removexattr,
+            created,
+            &[name.as_bytes()],
+        );
+        assert_eq!(error, eperm, "{name}");
+    }
+    let host_file = std::ffi::CString::new(scratch.0.join("created").to_str().unwrap()).unwrap();
+    // SAFETY: getxattr with a null buffer only returns the value's size.
+    let size = unsafe {
+        libc::getxattr(
+            host_file.as_ptr(),
+            c"security.capability".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(size, -1, "no capability reached the host file");
+    let body = SetxattrIn { size: 1, flags: 0 };
+    let (error, _) = request(
+        &mut driver,
+        &fs,
+        Opcode::Setxattr,
+        created,
+        &[body.as_slice(), b"user.note\0", b"x"],
+    );
+    assert_ne!(error, eperm, "user.* is allowed");
+}
+
+fn opendir(driver: &mut FuseDriver, fs: &Fs, nodeid: u64) -> (i32, u64) {
+    let body = OpenIn {
+        flags: libc::O_RDONLY as u32,
+        fuse_flags: 0,
+    };
+    let (_, header, reply) = call(driver, fs, Opcode::Opendir, nodeid, body.as_slice(), &[256]);
+    (header.error, object::<OpenOut>(&reply).fh)
+}
+
+fn readdir_start(driver: &mut FuseDriver, fs: &Fs, fh: u64) -> i32 {
+    let body = ReadIn {
+        fh,
+        offset: 0,
+        size: 4096,
+        ..Default::default()
+    };
+    let (_, header, _) = call(
+        driver,
+        fs,
+        Opcode::Readdir,
+        ROOT,
+        body.as_slice(),
+        &[4096 + 16],
+    );
+    header.error
+}
+
+fn release(driver: &mut FuseDriver, fs: &Fs, opcode: Opcode, nodeid: u64, fh: u64) -> i32 {
+    let body = ReleaseIn {
+        fh,
+        ..Default::default()
+    };
+    let (_, header, _) = call(driver, fs, opcode, nodeid, body.as_slice(), &[256]);
+    header.error
+}
+
+#[test]
+fn directory_listings_stop_at_their_memory_budget_with_enomem() {
+    let scratch = ScratchDir::new("listing-budget");
+    for i in 0..1000 {
+        std::fs::write(
+            scratch.0.join(format!("a-rather-long-file-name-{i:04}")),
+            b"",
+        )
+        .unwrap();
+    }
+    let memory = guest_memory();
+    let (mut driver, fs) = session(&memory, &scratch.0);
+    let listings = fs.server().listings();
+    // Room for one listing of this directory, not two.
+    let (_, first) = opendir(&mut driver, &fs, ROOT);
+    assert_eq!(readdir_start(&mut driver, &fs, first), 0);
+    let one = listings.held_bytes();
+    assert!(one > 1000 * 30, "{one} bytes for 1000 names");
+    listings.set_budget(one * 3 / 2);
+    let (_, second) = opendir(&mut driver, &fs, ROOT);
+    assert_eq!(readdir_start(&mut driver, &fs, second), -libc::ENOMEM);
+    assert_eq!(
+        listings.held_bytes(),
+        one,
+        "the refused listing was not kept"
+    );
+    assert_eq!(listings.count(), 1);
+    // Starting over on the same handle reuses its own share.
+    assert_eq!(readdir_start(&mut driver, &fs, first), 0);
+    // Closing the first makes room for the second.
+    assert_eq!(
+        release(&mut driver, &fs, Opcode::Releasedir, ROOT, first),
+        0
+    );
+    assert_eq!(listings.held_bytes(), 0);
+    assert_eq!(readdir_start(&mut driver, &fs, second), 0);
+    assert_eq!(listings.held_bytes(), one);
+}
+
+#[test]
+fn open_handles_stop_at_their_cap_with_enfile() {
+    let scratch = ScratchDir::new("handle-cap");
+    shared_file(&scratch.0, "file", 10);
+    let memory = guest_memory();
+    let (mut driver, fs) = session(&memory, &scratch.0);
+    let guard = fs.server().guard();
+    guard.set_handle_limit(3);
+    let (error, entry) = lookup(&mut driver, &fs, "file");
+    assert_eq!(error, 0);
+    let files: Vec<u64> = (0..2)
+        .map(|_| open(&mut driver, &fs, entry.nodeid, libc::O_RDONLY))
+        .collect();
+    let (error, dir) = opendir(&mut driver, &fs, ROOT);
+    assert_eq!(error, 0);
+    assert_eq!(guard.open_handles(), 3);
+    // Files and directories alike are refused past the cap.
+    let body = OpenIn {
+        flags: libc::O_RDONLY as u32,
+        fuse_flags: 0,
+    };
+    let (_, header, _) = call(
+        &mut driver,
+        &fs,
+        Opcode::Open,
+        entry.nodeid,
+        body.as_slice(),
+        &[256],
+    );
+    assert_eq!(header.error, -libc::ENFILE);
+    assert_eq!(opendir(&mut driver, &fs, ROOT).0, -libc::ENFILE);
+    assert_eq!(guard.open_handles(), 3);
+    // A release of a handle that is not open makes no room.
+    assert_ne!(
+        release(&mut driver, &fs, Opcode::Release, entry.nodeid, 9999),
+        0
+    );
+    assert_eq!(guard.open_handles(), 3);
+    // A real one does.
+    assert_eq!(
+        release(&mut driver, &fs, Opcode::Release, entry.nodeid, files[0]),
+        0
+    );
+    assert_eq!(release(&mut driver, &fs, Opcode::Releasedir, ROOT, dir), 0);
+    assert_eq!(guard.open_handles(), 1);
+    open(&mut driver, &fs, entry.nodeid, libc::O_RDONLY);
+    assert_eq!(opendir(&mut driver, &fs, ROOT).0, 0);
+    assert_eq!(guard.open_handles(), 3);
+}

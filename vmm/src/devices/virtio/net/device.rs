@@ -80,7 +80,7 @@ pub fn min_rx_len(acked_features: u64, mtu: u16) -> usize {
 /// Comes back to a queue on the next event-loop pass (signals its eventfd).
 fn reschedule(event: &EventFd) {
     if let Err(e) = event.write(1) {
-        tracing::error!("virtio-net: rescheduling a queue: {e}");
+        crate::guest_error!("virtio-net: rescheduling a queue: {e}");
     }
 }
 
@@ -101,7 +101,7 @@ impl DropLog {
             .last_report
             .is_none_or(|last| now.duration_since(last) >= Duration::from_secs(1))
         {
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-net: dropped {} {queue} frame(s); the last: {reason}",
                 self.unreported
             );
@@ -164,7 +164,7 @@ impl Net {
             .unwrap_or(true)
         {
             if let Err(e) = self.virtio.interrupt.trigger(INTERRUPT_USED_RING) {
-                tracing::error!("virtio-net: raising the interrupt: {e}");
+                crate::guest_error!("virtio-net: raising the interrupt: {e}");
             }
         }
     }
@@ -194,9 +194,11 @@ impl Net {
                         rechecked = true;
                         continue;
                     }
-                    Ok(true) => tracing::debug!("virtio-net: rx ring announces buffers it lacks"),
+                    Ok(true) => {
+                        crate::guest_debug!("virtio-net: rx ring announces buffers it lacks")
+                    }
                     Ok(false) => {}
-                    Err(e) => tracing::error!("virtio-net: enabling rx notifications: {e}"),
+                    Err(e) => crate::guest_error!("virtio-net: enabling rx notifications: {e}"),
                 }
                 break;
             };
@@ -251,7 +253,7 @@ impl Net {
                 }
             };
             if let Err(e) = queue.add_used(memory, head, len) {
-                tracing::error!("virtio-net: returning rx buffer {head}: {e}");
+                crate::guest_error!("virtio-net: returning rx buffer {head}: {e}");
             }
             used += 1;
         }
@@ -272,7 +274,7 @@ impl Net {
             // Without EVENT_IDX this sets VRING_USED_F_NO_NOTIFY: no kicks
             // while the device is draining the ring anyway.
             if let Err(e) = queue.disable_notification(memory) {
-                tracing::error!("virtio-net: disabling tx notifications: {e}");
+                crate::guest_error!("virtio-net: disabling tx notifications: {e}");
             }
             let mut served = 0usize;
             while let Some(chain) = queue.pop_descriptor_chain(memory) {
@@ -290,7 +292,7 @@ impl Net {
                     Err(e) => self.drops.note("tx", format_args!("bad buffer: {e}")),
                 }
                 if let Err(e) = queue.add_used(memory, head, 0) {
-                    tracing::error!("virtio-net: returning tx buffer {head}: {e}");
+                    crate::guest_error!("virtio-net: returning tx buffer {head}: {e}");
                 }
                 served += 1;
                 if used + served == BUDGET {
@@ -306,12 +308,12 @@ impl Net {
                 // More came while notifications were off.
                 Ok(true) if served > 0 => continue,
                 Ok(true) => {
-                    tracing::debug!("virtio-net: tx ring announces chains it lacks");
+                    crate::guest_debug!("virtio-net: tx ring announces chains it lacks");
                     break;
                 }
                 Ok(false) => break,
                 Err(e) => {
-                    tracing::error!("virtio-net: enabling tx notifications: {e}");
+                    crate::guest_error!("virtio-net: enabling tx notifications: {e}");
                     break;
                 }
             }
@@ -372,7 +374,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) -> bool {
         if let Err(e) = self.tap.set_offload(0) {
-            tracing::warn!("virtio-net: {}", error_chain(&e));
+            crate::guest_warn!("virtio-net: {}", error_chain(&e));
         }
         self.memory = None;
         self.tap_readable = false;

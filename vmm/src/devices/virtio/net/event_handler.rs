@@ -17,7 +17,7 @@ impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         for (index, event) in self.virtio.queue_events.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(event, index as u32, EventSet::IN)) {
-                tracing::error!("virtio-net: watching queue {index}: {e:?}");
+                crate::guest_error!("virtio-net: watching queue {index}: {e:?}");
             }
         }
         if let Err(e) = ops.add(Events::with_data(
@@ -25,7 +25,7 @@ impl MutEventSubscriber for Net {
             TAP_EVENT,
             EventSet::IN | EventSet::EDGE_TRIGGERED,
         )) {
-            tracing::error!("virtio-net: watching tap {}: {e:?}", self.tap.name());
+            crate::guest_error!("virtio-net: watching tap {}: {e:?}", self.tap.name());
         }
     }
 
@@ -45,7 +45,7 @@ impl MutEventSubscriber for Net {
                     .event_set()
                     .intersects(EventSet::ERROR | EventSet::HANG_UP)
                 {
-                    tracing::warn!(
+                    crate::guest_warn!(
                         "virtio-net: tap {} reports {:?}",
                         self.tap.name(),
                         events.event_set()
@@ -55,7 +55,7 @@ impl MutEventSubscriber for Net {
                 self.tap_readable = true;
                 self.process_rx();
             }
-            other => tracing::warn!("virtio-net: event with unknown tag {other}"),
+            other => crate::guest_warn!("virtio-net: event with unknown tag {other}"),
         }
     }
 }

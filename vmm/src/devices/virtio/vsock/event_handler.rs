@@ -11,7 +11,7 @@ impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
         for (index, event) in self.virtio.queue_events.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(event, index as u32, EventSet::IN)) {
-                tracing::error!("vsock: watching queue {index}: {e:?}");
+                crate::guest_error!("vsock: watching queue {index}: {e:?}");
             }
         }
         if let Err(e) = ops.add(Events::with_data(
@@ -19,7 +19,7 @@ impl MutEventSubscriber for Vsock {
             EVENT_LISTENER,
             EventSet::IN,
         )) {
-            tracing::error!("vsock: watching the host socket: {e:?}");
+            crate::guest_error!("vsock: watching the host socket: {e:?}");
         }
     }
 
@@ -35,7 +35,7 @@ impl MutEventSubscriber for Vsock {
             }
             EVENT_LISTENER => self.muxer.accept(ops),
             EVENT_HOST_STREAM => self.muxer.host_event(events.fd(), events.event_set(), ops),
-            other => tracing::warn!("vsock: event with unknown tag {other}"),
+            other => crate::guest_warn!("vsock: event with unknown tag {other}"),
         }
         // Whatever happened, the guest may have sent packets or freed rx
         // buffers, and the host side may have data, replies or credit for it.

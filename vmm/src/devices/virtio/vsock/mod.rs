@@ -34,6 +34,10 @@ pub const QUEUE_SIZE: u16 = 256;
 const MAX_RX_PAYLOAD: usize = 64 * 1024;
 /// The largest tx payload we accept (Linux sends at most 64 KiB).
 const MAX_TX_PAYLOAD: usize = 64 * 1024;
+/// Packets taken from the tx queue, or put on the rx queue, per pass of the
+/// event loop, as virtio-net does: past it the queue's own eventfd is
+/// signalled to come back after the loop served everything else.
+pub const BUDGET: usize = QUEUE_SIZE as usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -86,14 +90,21 @@ impl Vsock {
             return;
         };
         let mut used_any = false;
+        let mut served = 0;
         while let Some(chain) = self.virtio.queues[TX_QUEUE].pop_descriptor_chain(memory) {
+            if served == BUDGET {
+                self.virtio.queues[TX_QUEUE].go_to_previous_position();
+                reschedule(&self.virtio.queue_events[TX_QUEUE]);
+                break;
+            }
+            served += 1;
             let head = chain.head_index();
             match read_tx_packet(memory, chain, &mut self.payload) {
                 Ok(header) => self.muxer.from_guest(&header, &self.payload, ops),
-                Err(e) => tracing::warn!("vsock: dropped a malformed tx packet: {e}"),
+                Err(e) => crate::guest_warn!("vsock: dropped a malformed tx packet: {e}"),
             }
             if let Err(e) = self.virtio.queues[TX_QUEUE].add_used(memory, head, 0) {
-                tracing::error!("vsock: returning a tx buffer: {e:?}");
+                crate::guest_error!("vsock: returning a tx buffer: {e:?}");
             }
             used_any = true;
         }
@@ -108,7 +119,13 @@ impl Vsock {
             return;
         };
         let mut used_any = false;
+        let mut served = 0;
         while self.muxer.has_work_for_guest() {
+            if served == BUDGET {
+                reschedule(&self.virtio.queue_events[RX_QUEUE]);
+                break;
+            }
+            served += 1;
             let Some(chain) = self.virtio.queues[RX_QUEUE].pop_descriptor_chain(memory) else {
                 break;
             };
@@ -116,7 +133,7 @@ impl Vsock {
             let mut writer = match Writer::new(memory, chain) {
                 Ok(writer) if writer.available_bytes() >= HEADER_SIZE => writer,
                 Ok(_) | Err(_) => {
-                    tracing::warn!("vsock: an rx buffer too small for a packet header");
+                    crate::guest_warn!("vsock: an rx buffer too small for a packet header");
                     let _ = self.virtio.queues[RX_QUEUE].add_used(memory, head, 0);
                     used_any = true;
                     continue;
@@ -134,12 +151,12 @@ impl Vsock {
             let len = match written {
                 Ok(len) => len as u32,
                 Err(e) => {
-                    tracing::error!("vsock: writing an rx packet: {e}");
+                    crate::guest_error!("vsock: writing an rx packet: {e}");
                     0
                 }
             };
             if let Err(e) = self.virtio.queues[RX_QUEUE].add_used(memory, head, len) {
-                tracing::error!("vsock: returning an rx buffer: {e:?}");
+                crate::guest_error!("vsock: returning an rx buffer: {e:?}");
             }
             used_any = true;
         }
@@ -150,8 +167,15 @@ impl Vsock {
 
     fn signal_used(&self) {
         if let Err(e) = self.virtio.interrupt.trigger(INTERRUPT_USED_RING) {
-            tracing::error!("vsock: raising the interrupt: {e}");
+            crate::guest_error!("vsock: raising the interrupt: {e}");
         }
+    }
+}
+
+/// Comes back to a queue on the next event-loop pass (signals its eventfd).
+fn reschedule(event: &vmm_sys_util::eventfd::EventFd) {
+    if let Err(e) = event.write(1) {
+        crate::guest_error!("vsock: rescheduling a queue: {e}");
     }
 }
 
@@ -233,5 +257,11 @@ impl Vsock {
     /// Open host connections (for tests and diagnostics).
     pub fn connection_count(&self) -> usize {
         self.muxer.connection_count()
+    }
+
+    /// The host backend (for tests, fuzzing and diagnostics: its counters
+    /// and caps).
+    pub fn muxer(&self) -> &Muxer {
+        &self.muxer
     }
 }

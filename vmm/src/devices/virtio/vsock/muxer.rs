@@ -31,6 +31,15 @@ pub const EVENT_HOST_STREAM: u32 = 0x101;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// `CONNECT 4294967295\n` and some slack.
 const MAX_CONNECT_LINE: usize = 32;
+/// The most header-only packets (RST, RESPONSE, REQUEST, credit updates)
+/// waiting for guest rx buffers, as in Firecracker. A guest that sends
+/// faster than it takes its replies loses the replies beyond this, not
+/// host memory.
+pub const MAX_PENDING_CONTROL: usize = 256;
+/// The most connections (and host connections still sending their
+/// `CONNECT` line) at once, as in Firecracker: a guest connection beyond
+/// it gets a RST, a host one is closed at once.
+pub const MAX_CONNECTIONS: usize = 1023;
 
 /// A host socket that has not finished its `CONNECT <port>\n` line yet.
 struct Handshake {
@@ -57,6 +66,13 @@ pub struct Muxer {
     by_fd: HashMap<RawFd, ConnectionKey>,
     control: VecDeque<ControlPacket>,
     next_local_port: u32,
+    /// The connection last served host data, so the next packet goes to
+    /// the one after it: one busy connection cannot starve the others.
+    last_served: Option<ConnectionKey>,
+    /// Control packets dropped because [`MAX_PENDING_CONTROL`] were waiting.
+    dropped_control: u64,
+    /// Connections refused because [`MAX_CONNECTIONS`] were open.
+    refused_connections: u64,
 }
 
 fn stream_events(stream: &UnixStream, data: u32) -> Events {
@@ -85,6 +101,9 @@ impl Muxer {
             by_fd: HashMap::new(),
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            last_served: None,
+            dropped_control: 0,
+            refused_connections: 0,
         })
     }
 
@@ -102,6 +121,34 @@ impl Muxer {
         self.connections.len() + self.handshakes.len()
     }
 
+    /// Control packets waiting for guest rx buffers (at most
+    /// [`MAX_PENDING_CONTROL`]).
+    pub fn pending_control(&self) -> usize {
+        self.control.len()
+    }
+
+    /// Control packets dropped at the [`MAX_PENDING_CONTROL`] cap.
+    pub fn dropped_control(&self) -> u64 {
+        self.dropped_control
+    }
+
+    /// Connections refused at the [`MAX_CONNECTIONS`] cap.
+    pub fn refused_connections(&self) -> u64 {
+        self.refused_connections
+    }
+
+    fn at_connection_cap(&mut self) -> bool {
+        if self.connection_count() < MAX_CONNECTIONS {
+            return false;
+        }
+        self.refused_connections += 1;
+        crate::guest_warn!(
+            refused = self.refused_connections,
+            "vsock: {MAX_CONNECTIONS} connections open: refusing another"
+        );
+        true
+    }
+
     /// Accepts every pending host connection.
     pub fn accept(&mut self, ops: &mut EventOps) {
         loop {
@@ -109,16 +156,20 @@ impl Muxer {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    tracing::warn!("vsock: accepting on {}: {e}", self.uds_path.display());
+                    crate::guest_warn!("vsock: accepting on {}: {e}", self.uds_path.display());
                     return;
                 }
             };
+            if self.at_connection_cap() {
+                // Dropping the stream closes it: the host side sees EOF.
+                continue;
+            }
             if let Err(e) = stream.set_nonblocking(true) {
-                tracing::warn!("vsock: {e}");
+                crate::guest_warn!("vsock: {e}");
                 continue;
             }
             if let Err(e) = ops.add(stream_events(&stream, EVENT_HOST_STREAM)) {
-                tracing::warn!("vsock: watching a host connection: {e:?}");
+                crate::guest_warn!("vsock: watching a host connection: {e:?}");
                 continue;
             }
             let fd = stream.as_raw_fd();
@@ -188,7 +239,7 @@ impl Muxer {
         let peer_port = match port {
             Ok(port) => port,
             Err(reason) => {
-                tracing::warn!("vsock: host connection dropped: {reason}");
+                crate::guest_warn!("vsock: host connection dropped: {reason}");
                 let _ = ops.remove(Events::empty(&handshake.stream));
                 return;
             }
@@ -198,6 +249,10 @@ impl Muxer {
             local_port,
             peer_port,
         };
+        if self.control_full() {
+            let _ = ops.remove(Events::empty(&handshake.stream));
+            return;
+        }
         self.by_fd.insert(fd, key);
         self.connections.insert(
             key,
@@ -219,8 +274,26 @@ impl Muxer {
         }
     }
 
+    /// Whether [`MAX_PENDING_CONTROL`] packets wait for the guest; if so,
+    /// the one that would have joined them is counted as dropped.
+    fn control_full(&mut self) -> bool {
+        if self.control.len() < MAX_PENDING_CONTROL {
+            return false;
+        }
+        self.dropped_control += 1;
+        crate::guest_warn!(
+            dropped = self.dropped_control,
+            "vsock: {MAX_PENDING_CONTROL} control packets wait for the guest: dropped one"
+        );
+        true
+    }
+
+    /// Queues a header-only packet for the guest, unless
+    /// [`MAX_PENDING_CONTROL`] already wait (then it is dropped, counted).
     fn queue_control(&mut self, key: ConnectionKey, op: u16, flags: u32) {
-        self.control.push_back(ControlPacket { key, op, flags });
+        if !self.control_full() {
+            self.control.push_back(ControlPacket { key, op, flags });
+        }
     }
 
     /// Closes a connection: the host socket is dropped (its peer sees EOF)
@@ -246,7 +319,7 @@ impl Muxer {
             return;
         };
         if let Err(e) = conn.flush_to_host() {
-            tracing::debug!("vsock: host end of {key:?} is gone: {e}");
+            crate::guest_debug!("vsock: host end of {key:?} is gone: {e}");
             self.reset(key, ops);
             return;
         }
@@ -258,7 +331,7 @@ impl Muxer {
     /// A packet the guest put on its tx queue.
     pub fn from_guest(&mut self, header: &PacketHeader, payload: &[u8], ops: &mut EventOps) {
         if header.src_cid != self.guest_cid || header.dst_cid != HOST_CID {
-            tracing::warn!(
+            crate::guest_warn!(
                 "vsock: dropped a packet from cid {} to cid {}",
                 { header.src_cid },
                 { header.dst_cid }
@@ -291,7 +364,7 @@ impl Muxer {
                 if conn.push_to_host(payload) {
                     self.flush(key, ops);
                 } else {
-                    tracing::warn!("vsock: guest overran the credit of {key:?}");
+                    crate::guest_warn!("vsock: guest overran the credit of {key:?}");
                     self.reset(key, ops);
                 }
             }
@@ -308,7 +381,7 @@ impl Muxer {
             }
             (OP_RST, _) => self.forget(key, ops),
             (op, state) => {
-                tracing::debug!(
+                crate::guest_debug!(
                     "vsock: unexpected {} in state {state:?} on {key:?}",
                     header.op_name()
                 );
@@ -320,16 +393,20 @@ impl Muxer {
 
     /// A guest connection to host port P: bridged to the Unix socket `<path>_P`.
     fn connect_to_host(&mut self, key: ConnectionKey, header: &PacketHeader, ops: &mut EventOps) {
+        if self.at_connection_cap() {
+            self.queue_control(key, OP_RST, 0);
+            return;
+        }
+        if self.control_full() {
+            // The guest does not take its replies: it would not get ours.
+            return;
+        }
         let base = self.host_ports_path.as_ref().unwrap_or(&self.uds_path);
         let path = PathBuf::from(format!("{}_{}", base.display(), key.local_port));
-        let stream = UnixStream::connect(&path).and_then(|stream| {
-            stream.set_nonblocking(true)?;
-            Ok(stream)
-        });
-        let stream = match stream {
+        let stream = match connect_nonblocking(&path) {
             Ok(stream) => stream,
             Err(e) => {
-                tracing::debug!(
+                crate::guest_debug!(
                     "vsock: guest connection to host port {}: {}: {e}",
                     key.local_port,
                     path.display()
@@ -339,7 +416,7 @@ impl Muxer {
             }
         };
         if let Err(e) = ops.add(stream_events(&stream, EVENT_HOST_STREAM)) {
-            tracing::warn!("vsock: watching {}: {e:?}", path.display());
+            crate::guest_warn!("vsock: watching {}: {e:?}", path.display());
             self.queue_control(key, OP_RST, 0);
             return;
         }
@@ -347,6 +424,7 @@ impl Muxer {
         conn.update_peer_credit(header);
         self.by_fd.insert(conn.stream.as_raw_fd(), key);
         self.connections.insert(key, conn);
+        // Room was checked above (only this thread queues).
         self.queue_control(key, OP_RESPONSE, 0);
     }
 
@@ -391,12 +469,7 @@ impl Muxer {
         {
             return Some(conn.header(self.guest_cid, OP_CREDIT_UPDATE));
         }
-        let ready: Vec<ConnectionKey> = self
-            .connections
-            .values()
-            .filter(|conn| conn.wants_to_send())
-            .map(|conn| conn.key)
-            .collect();
+        let ready = self.ready_in_turn();
         for key in ready {
             let Some(conn) = self.connections.get_mut(&key) else {
                 continue;
@@ -413,6 +486,7 @@ impl Muxer {
                     payload.truncate(n);
                     let mut header = conn.header(self.guest_cid, OP_RW);
                     header.len = n as u32;
+                    self.last_served = Some(key);
                     return Some(header);
                 }
                 Err(e)
@@ -423,13 +497,47 @@ impl Muxer {
                 }
                 Err(e) => {
                     payload.clear();
-                    tracing::debug!("vsock: reading the host end of {key:?}: {e}");
+                    crate::guest_debug!("vsock: reading the host end of {key:?}: {e}");
                     self.reset(key, ops);
                     return self.next_for_guest(payload, max_payload, ops);
                 }
             }
         }
         None
+    }
+}
+
+/// Connects to a host listener without waiting: a listener whose backlog
+/// is full (one that stopped accepting) refuses at once (EAGAIN) instead of
+/// blocking the event loop until it accepts.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
+}
+
+impl Muxer {
+    /// The connections with host data for the guest, in turn: sorted, the
+    /// first one after the connection served last.
+    fn ready_in_turn(&self) -> Vec<ConnectionKey> {
+        let mut ready: Vec<ConnectionKey> = self
+            .connections
+            .values()
+            .filter(|conn| conn.wants_to_send())
+            .map(|conn| conn.key)
+            .collect();
+        ready.sort_unstable();
+        if let Some(last) = self.last_served {
+            let next = ready.partition_point(|key| *key <= last);
+            ready.rotate_left(next);
+        }
+        ready
     }
 }
 

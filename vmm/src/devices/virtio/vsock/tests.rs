@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
+use super::muxer::{MAX_CONNECTIONS, MAX_PENDING_CONTROL};
 use super::packet::*;
 use super::*;
 use crate::devices::virtio::test_driver::{guest_memory, Buffer, DeviceLoop, GuestDriver};
@@ -348,4 +349,218 @@ fn bad_cids_and_busy_paths_are_named() {
     let _first = Vsock::new(3, path.clone()).unwrap();
     let err = Vsock::new(3, path.clone()).err().unwrap();
     assert!(err.to_string().contains("v.sock"), "{err}");
+}
+
+/// Sends `count` REQUESTs from guest ports `first_port..` to host port
+/// `host_port`, in batches the queues hold, with an rx buffer for each
+/// reply when `with_rx`; accepts what reaches `listener`. Returns every
+/// packet the guest received.
+fn connect_storm(
+    guest: &mut Guest,
+    harness: &mut Harness,
+    listener: Option<&UnixListener>,
+    accepted: &mut Vec<UnixStream>,
+    first_port: u32,
+    count: u32,
+    with_rx: bool,
+) -> Vec<PacketHeader> {
+    let mut received = Vec::new();
+    let mut sent = 0;
+    while sent < count {
+        // Under a host listener's backlog (128), accepted between batches.
+        let batch = (count - sent).min(100);
+        if with_rx {
+            guest.post_rx_buffers(batch as u16);
+        }
+        for i in 0..batch {
+            guest.send(from_guest(OP_REQUEST, first_port + sent + i, 5000), b"");
+        }
+        sent += batch;
+        harness.device.kick(TX_QUEUE);
+        harness.device.settle();
+        if let Some(listener) = listener {
+            while let Ok((stream, _)) = listener.accept() {
+                accepted.push(stream);
+            }
+        }
+        received.extend(guest.received().into_iter().map(|(header, _)| header));
+    }
+    received
+}
+
+#[test]
+fn a_guest_connect_storm_stops_at_the_connection_cap_with_rsts() {
+    let memory = guest_memory();
+    let mut guest = Guest::new(&memory);
+    let mut harness = Harness::new(&guest);
+    let listener = UnixListener::bind(format!("{}_5000", harness.path.display())).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut accepted = Vec::new();
+    let extra = 50;
+    let total = MAX_CONNECTIONS as u32 + extra;
+    let received = connect_storm(
+        &mut guest,
+        &mut harness,
+        Some(&listener),
+        &mut accepted,
+        10_000,
+        total,
+        true,
+    );
+    let responses = received.iter().filter(|h| h.op == OP_RESPONSE).count();
+    let resets: Vec<u32> = received
+        .iter()
+        .filter(|h| h.op == OP_RST)
+        .map(|h| h.dst_port)
+        .collect();
+    assert_eq!(responses, MAX_CONNECTIONS);
+    // The last ones asked are the ones refused.
+    assert_eq!(
+        resets,
+        (10_000 + MAX_CONNECTIONS as u32..10_000 + total).collect::<Vec<_>>()
+    );
+    let device = harness.device.lock();
+    assert_eq!(device.connection_count(), MAX_CONNECTIONS);
+    assert_eq!(device.muxer().refused_connections(), extra as u64);
+    drop(device);
+    // A host connection beyond the cap is closed at once.
+    let mut host = UnixStream::connect(&harness.path).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    harness.device.settle();
+    host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 8];
+    // Closed with its CONNECT line unread: a reset, or EOF.
+    match host.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the host connection should be closed: {other:?}"),
+    }
+    assert!(guest.received().is_empty());
+    // A guest RST frees a place, which the next connection takes.
+    guest.send(from_guest(OP_RST, 10_000, 5000), b"");
+    guest.post_rx_buffers(1);
+    guest.send(from_guest(OP_REQUEST, 9_999, 5000), b"");
+    harness.device.kick(TX_QUEUE);
+    harness.device.settle();
+    let replies: Vec<(u16, u32)> = guest
+        .received()
+        .iter()
+        .map(|(h, _)| (h.op, h.dst_port))
+        .collect();
+    assert_eq!(replies, vec![(OP_RESPONSE, 9_999)]);
+}
+
+#[test]
+fn control_packets_for_a_guest_that_takes_no_replies_stop_at_their_cap() {
+    let memory = guest_memory();
+    let mut guest = Guest::new(&memory);
+    let mut harness = Harness::new(&guest);
+    // Nobody listens on port 5000: each REQUEST earns a RST, and the guest
+    // posts no rx buffer to take them.
+    let extra = 44;
+    let received = connect_storm(
+        &mut guest,
+        &mut harness,
+        None,
+        &mut Vec::new(),
+        10_000,
+        MAX_PENDING_CONTROL as u32 + extra,
+        false,
+    );
+    assert!(received.is_empty());
+    let device = harness.device.lock();
+    assert_eq!(device.muxer().pending_control(), MAX_PENDING_CONTROL);
+    assert_eq!(device.muxer().dropped_control(), extra as u64);
+    assert_eq!(device.connection_count(), 0);
+    drop(device);
+    // Given buffers, the guest gets the RSTs that were kept, no more.
+    guest.post_rx_buffers(200);
+    harness.device.kick(RX_QUEUE);
+    harness.device.settle();
+    let mut resets = guest.received().len();
+    guest.post_rx_buffers(100);
+    harness.device.kick(RX_QUEUE);
+    harness.device.settle();
+    resets += guest.received().len();
+    assert_eq!(resets, MAX_PENDING_CONTROL);
+    assert_eq!(harness.device.lock().muxer().pending_control(), 0);
+}
+
+fn listen_with_backlog(path: &str, backlog: usize) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{
+        bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &UnixAddr::new(path).unwrap(),
+    )
+    .unwrap();
+    listen(&fd, Backlog::new(backlog as i32).unwrap()).unwrap();
+    fd
+}
+
+#[test]
+fn a_host_listener_that_does_not_accept_gets_rsts_without_blocking_the_device() {
+    let memory = guest_memory();
+    let mut guest = Guest::new(&memory);
+    let mut harness = Harness::new(&guest);
+    // Never accepted: its backlog (of 16) fills, and a blocking connect
+    // would then wait for an accept that never comes.
+    let path = format!("{}_5000", harness.path.display());
+    let _listener = listen_with_backlog(&path, 16);
+    let received = connect_storm(
+        &mut guest,
+        &mut harness,
+        None,
+        &mut Vec::new(),
+        10_000,
+        400,
+        true,
+    );
+    let responses = received.iter().filter(|h| h.op == OP_RESPONSE).count();
+    let resets = received.iter().filter(|h| h.op == OP_RST).count();
+    assert_eq!(responses + resets, 400);
+    assert!(
+        resets > 0,
+        "the backlog never filled ({responses} accepted)"
+    );
+}
+
+#[test]
+fn busy_connections_take_turns_on_the_rx_queue() {
+    let memory = guest_memory();
+    let mut guest = Guest::new(&memory);
+    guest.post_rx_buffers(2);
+    let mut harness = Harness::new(&guest);
+    let (mut first, first_port) = harness.host_connect(&mut guest, 1024);
+    let (mut second, second_port) = harness.host_connect(&mut guest, 1025);
+    // Both have far more than the guest's buffers take, and are known to
+    // have it before the guest has room for any.
+    first.write_all(&[1u8; 64 * 1024]).unwrap();
+    second.write_all(&[2u8; 64 * 1024]).unwrap();
+    harness.device.settle();
+    guest.post_rx_buffers(8);
+    harness.device.kick(RX_QUEUE);
+    harness.device.settle();
+    let sources: Vec<u32> = guest
+        .received()
+        .iter()
+        .filter(|(h, _)| h.op == OP_RW)
+        .map(|(h, _)| h.src_port)
+        .collect();
+    assert!(sources.len() >= 6, "{sources:?}");
+    let from_first = sources.iter().filter(|&&p| p == first_port).count();
+    let from_second = sources.iter().filter(|&&p| p == second_port).count();
+    assert!(from_first.abs_diff(from_second) <= 1, "{sources:?}");
+    assert!(
+        sources.windows(2).all(|pair| pair[0] != pair[1]),
+        "one connection served twice in a row: {sources:?}"
+    );
 }
