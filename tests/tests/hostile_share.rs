@@ -51,34 +51,40 @@ fn assert_ok(out: &Output, what: &str) {
 }
 
 /// The attacker, as root in the guest: mounts the share (the same virtio-fs
-/// tag the agent mounted) and, until killed, for every entry of it and of
-/// every container directory in it, tries to replace or plant `rootfs`,
-/// `mounts`, `mounts/0..3` and fresh names with symlinks to the host's
-/// canary (a file and its directory) and with directories. Counts in
-/// /tmp/planted the attempts that succeeded, in /tmp/refused those that
-/// failed.
+/// tag the agent mounted) and, until killed, in the share and in every
+/// container directory in it, plants `rootfs`, `mounts`, `mounts/0..7`
+/// wherever they are missing (the names the host makes next), fresh names,
+/// and moves `mounts` away, with symlinks to the host's canary (a file and
+/// its directory) and with directories: a busybox shell polling the share
+/// through virtio-fs, as fast as the guest's vCPU runs it. Counts in
+/// /tmp/planted the plants that took (listed in /tmp/planted-list), in
+/// /tmp/refused those that failed.
 const ATTACKER: &str = r#"
 set -u
 mkdir -p /mnt/share
 mount -t virtiofs microvm /mnt/share || { echo "cannot mount the share"; exit 1; }
 echo mounted > /tmp/ready
 planted=0; refused=0; round=0
-try() { if "$@" 2>/dev/null; then planted=$((planted+1)); else refused=$((refused+1)); fi; }
+# A plant counts when its name itself became the guest's (a link, or a
+# directory made or moved there): `ln -s` onto an existing directory (a
+# rootfs, the container's own file system) makes the link inside it.
+planted() { planted=$((planted+1)); echo "$1" >> /tmp/planted-list; }
+link() { ln -s "$1" "$2" 2>/dev/null; if [ -L "$2" ]; then planted "$2"; else refused=$((refused+1)); fi; }
+dir() { if mkdir "$1" 2>/dev/null; then planted "$1"; else refused=$((refused+1)); fi; }
 while :; do
     round=$((round+1))
-    try ln -s "$CANARY_DIR" /mnt/share/planted-$round
-    try mkdir /mnt/share/dir-$round
+    link "$CANARY_DIR" /mnt/share/planted-$round
+    dir /mnt/share/dir-$round
     for c in /mnt/share/*; do
         [ -d "$c" ] || continue
-        try ln -s "$CANARY_DIR" "$c/mounts"
-        try ln -s "$CANARY_DIR" "$c/rootfs"
-        try ln -s "$CANARY_DIR/canary" "$c/next-$round"
+        [ -e "$c/mounts" ] || link "$CANARY_DIR" "$c/mounts"
+        [ -e "$c/rootfs" ] || link "$CANARY_DIR" "$c/rootfs"
+        link "$CANARY_DIR/canary" "$c/next-$round"
         if [ -d "$c/mounts" ] && [ ! -L "$c/mounts" ]; then
             for n in 0 1 2 3 4 5 6 7; do
-                [ -e "$c/mounts/$n" ] && continue
-                try ln -s "$CANARY_DIR/canary" "$c/mounts/$n"
+                [ -e "$c/mounts/$n" ] || link "$CANARY_DIR/canary" "$c/mounts/$n"
             done
-            try mv "$c/mounts" "$c/moved-$round"
+            if mv "$c/mounts" "$c/moved-$round" 2>/dev/null; then planted "$c/moved-$round"; else refused=$((refused+1)); fi
         fi
     done
     echo $planted > /tmp/planted.new; mv /tmp/planted.new /tmp/planted
@@ -208,15 +214,20 @@ done
             "--",
             "sh",
             "-c",
-            "echo planted $(cat /tmp/planted) refused $(cat /tmp/refused)",
+            "echo planted $(cat /tmp/planted) refused $(cat /tmp/refused); \
+             head -n 20 /tmp/planted-list 2>/dev/null",
         ])
         .unwrap();
     let counts = text(&counts["stdout"]).trim().to_string();
     let numbers: Vec<u64> = counts
+        .lines()
+        .next()
+        .unwrap_or_default()
         .split_whitespace()
         .filter_map(|w| w.parse().ok())
         .collect();
     assert_eq!(numbers.len(), 2, "{counts}");
+    println!("attacker: {counts} (during {STARTS} container starts)");
     assert!(numbers[1] > 0, "the attacker never tried: {counts}");
     assert_eq!(
         numbers[0], 0,
