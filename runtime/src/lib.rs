@@ -2,9 +2,11 @@
 //! the sandbox lifecycle (start the VMM, connect to the agent, tear down) and
 //! the configuration.
 
+pub mod beneath;
 pub mod cgroup;
 pub mod config;
 pub mod ctl;
+pub mod fd_mount;
 pub mod guest_command;
 pub mod health;
 pub mod hybrid_vsock;

@@ -83,6 +83,22 @@ pub enum SandboxError {
 pub use protocols::{GUEST_SHARED_DIR, SHARED_FS_TAG};
 /// The shared directory inside the state directory, when the config names none.
 const SHARED_DIR: &str = "shared";
+/// With late mounts (a pod): the private tree inside the state directory
+/// where the host makes every mount and mount point, and which the guest
+/// sees only through [`SHARED_DIR`], a read-only bind of it (as Kata's
+/// `mounts/` and `shared/`).
+const PRIVATE_DIR: &str = "mounts";
+
+/// The private tree of the sandbox whose state directory is `state_dir`
+/// (see [`SandboxConfig::late_mounts`]): where a container's mounts go.
+pub fn private_share_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(PRIVATE_DIR)
+}
+
+/// The guest's (read-only) view of [`private_share_dir`].
+pub fn guest_share_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(SHARED_DIR)
+}
 
 /// Where the overlays' upper layers live, inside the state directory (a
 /// tmpfs of the VMM's mount namespace).
@@ -98,6 +114,9 @@ struct PreparedMount {
     /// Directories to create first, with their modes (an overlay's upper
     /// and work dirs).
     dirs: Vec<(std::ffi::CString, libc::mode_t)>,
+    /// `MOUNT_ATTR_*` set afterwards on the mount and every mount under it
+    /// (a recursive bind's `nosuid,nodev`); 0: none.
+    attr_set: u64,
 }
 
 type Binds = Vec<PreparedMount>;
@@ -123,7 +142,9 @@ fn prepare_share(
         let path = path.to_path_buf();
         move |source| SandboxError::StateDir { path, source }
     };
-    std::fs::create_dir_all(&shared).map_err(state_error(&shared))?;
+    if config.shared_dir.is_none() {
+        private_dir(&shared).map_err(state_error(&shared))?;
+    }
     let layers = dir.join(LAYERS_DIR);
     let mut mounts = Vec::new();
     if config.shared_binds.iter().any(|b| b.copy_on_write) {
@@ -132,9 +153,10 @@ fn prepare_share(
             source: c"tmpfs".into(),
             target: c_path(&layers),
             fstype: Some(c"tmpfs".into()),
-            flags: 0,
+            flags: libc::MS_NOSUID | libc::MS_NODEV,
             data: Some(c"mode=0700".into()),
             dirs: Vec::new(),
+            attr_set: 0,
         });
     }
     for (index, bind) in config.shared_binds.iter().enumerate() {
@@ -169,7 +191,7 @@ fn prepare_share(
                 source: c"overlay".into(),
                 target: c_path(&target),
                 fstype: Some(c"overlay".into()),
-                flags: 0,
+                flags: libc::MS_NOSUID | libc::MS_NODEV,
                 data: Some(std::ffi::CString::new(data).expect("paths have no NUL byte")),
                 // The overlay's root takes the upper dir's mode: the lower's.
                 dirs: vec![
@@ -179,6 +201,7 @@ fn prepare_share(
                     ),
                     (c_path(&work), 0o700),
                 ],
+                attr_set: 0,
             });
         } else {
             mounts.push(PreparedMount {
@@ -188,6 +211,7 @@ fn prepare_share(
                 flags: libc::MS_BIND | libc::MS_REC,
                 data: None,
                 dirs: Vec::new(),
+                attr_set: libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
             });
         }
     }
@@ -260,9 +284,82 @@ fn bind_in_own_namespace(mounts: &Binds) -> std::io::Result<()> {
                 mount.flags,
                 ptr(&mount.data).cast(),
             ))?;
+            if mount.attr_set != 0 {
+                let mut attr: libc::mount_attr = std::mem::zeroed();
+                attr.attr_set = mount.attr_set;
+                check(libc::syscall(
+                    libc::SYS_mount_setattr,
+                    libc::AT_FDCWD,
+                    mount.target.as_ptr(),
+                    libc::AT_RECURSIVE as libc::c_uint,
+                    &attr as *const libc::mount_attr,
+                    std::mem::size_of::<libc::mount_attr>(),
+                ) as libc::c_int)?;
+            }
         }
     }
     Ok(())
+}
+
+/// Makes `path` a directory only its owner may enter (0700), or checks
+/// that the one there is a directory, not a link, and makes it so.
+pub(crate) fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if !std::fs::symlink_metadata(path)?.is_dir() {
+                return Err(e);
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The state directory `dir` the configuration names (a pod's, under
+/// `/run/microvm`), made anew (0700; an existing one is refused, the
+/// caller removes a crashed run's leftovers first), its missing parents
+/// 0700 too.
+fn fresh_state_dir(dir: &Path) -> Result<PathBuf, (PathBuf, std::io::Error)> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| (parent.to_path_buf(), e))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| (dir.to_path_buf(), e))?;
+    Ok(dir.to_path_buf())
+}
+
+/// A state directory of its own under the temp dir, as mkdtemp(3) makes
+/// one: `microvm-<pid>-XXXXXX`, a name nobody could foresee, 0700, and
+/// never one that existed (another user's, with a `vmm.log` or
+/// `vsock.sock` planted in it).
+fn temp_state_dir() -> Result<PathBuf, (PathBuf, std::io::Error)> {
+    use std::os::unix::ffi::OsStringExt;
+    let template = std::env::temp_dir().join(format!(
+        "microvm-{}-{}-XXXXXX",
+        std::process::id(),
+        SANDBOX_COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    let fail = |e| (template.clone(), e);
+    let mut bytes = std::ffi::CString::new(template.clone().into_os_string().into_vec())
+        .map_err(|_| fail(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?
+        .into_bytes_with_nul();
+    // SAFETY: mkdtemp rewrites the X's of a NUL-terminated buffer we own.
+    let made = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
+    if made.is_null() {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    bytes.pop();
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(bytes)))
 }
 
 static SANDBOX_COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -304,17 +401,11 @@ impl Sandbox {
                 });
             }
         }
-        let dir = config.state_dir.clone().unwrap_or_else(|| {
-            std::env::temp_dir().join(format!(
-                "microvm-{}-{}",
-                std::process::id(),
-                SANDBOX_COUNTER.fetch_add(1, Ordering::SeqCst)
-            ))
-        });
-        std::fs::create_dir_all(&dir).map_err(|source| SandboxError::StateDir {
-            path: dir.clone(),
-            source,
-        })?;
+        let dir = match &config.state_dir {
+            Some(dir) => fresh_state_dir(dir),
+            None => temp_state_dir(),
+        }
+        .map_err(|(path, source)| SandboxError::StateDir { path, source })?;
         let log =
             std::fs::File::create(dir.join(VMM_LOG)).map_err(|source| SandboxError::StateDir {
                 path: dir.clone(),
@@ -368,7 +459,7 @@ impl Sandbox {
             }
         };
         if config.late_mounts {
-            if let Err(e) = share_late_mounts(&dir.join(SHARED_DIR)) {
+            if let Err(e) = share_late_mounts(&dir.join(PRIVATE_DIR), &dir.join(SHARED_DIR)) {
                 remove_state(&dir);
                 return Err(e);
             }
@@ -659,49 +750,86 @@ impl Drop for Sandbox {
     }
 }
 
-/// Makes `shared` a mount point of its own with shared propagation in our
-/// mount namespace: the VMM's namespace (a slave of ours) then receives
-/// every mount made under it later.
-fn share_late_mounts(shared: &Path) -> Result<(), SandboxError> {
-    use nix::mount::{mount, MsFlags};
-    let fail = |e: nix::Error| SandboxError::StateDir {
-        path: shared.to_path_buf(),
-        source: e.into(),
+/// Sets up a pod's share (Kata's design): `private` becomes a mount point
+/// of its own with shared propagation in our mount namespace, where the
+/// shim makes every mount point and mount later; `shared`, what the VMM
+/// serves to the guest, is a read-only (`nosuid,nodev,noexec`) bind of it
+/// and its slave: what is mounted under `private` appears under `shared`
+/// (with its own flags: a container's rootfs stays writable) and in the
+/// VMM's namespace (a slave of ours), but the guest can make nothing in
+/// the tree itself: no link or directory where the host makes its mount
+/// points.
+fn share_late_mounts(private: &Path, shared: &Path) -> Result<(), SandboxError> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let fail = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: nix::Error| SandboxError::StateDir {
+            path,
+            source: e.into(),
+        }
     };
-    std::fs::create_dir_all(shared).map_err(|source| SandboxError::StateDir {
-        path: shared.to_path_buf(),
-        source,
-    })?;
-    mount(
-        Some(shared),
-        shared,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(fail)?;
-    mount(
-        None::<&str>,
-        shared,
-        None::<&str>,
-        MsFlags::MS_SHARED,
-        None::<&str>,
-    )
-    .map_err(|e| {
-        let _ = nix::mount::umount2(shared, nix::mount::MntFlags::MNT_DETACH);
-        fail(e)
+    for dir in [private, shared] {
+        private_dir(dir).map_err(|source| SandboxError::StateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let none = None::<&str>;
+    let set_up = || -> Result<(), SandboxError> {
+        mount(Some(private), private, none, MsFlags::MS_BIND, none).map_err(fail(private))?;
+        mount(none, private, none, MsFlags::MS_SHARED, none).map_err(fail(private))?;
+        mount(Some(private), shared, none, MsFlags::MS_BIND, none).map_err(fail(shared))?;
+        mount(
+            none,
+            shared,
+            none,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            none,
+        )
+        .map_err(fail(shared))?;
+        mount(none, shared, none, MsFlags::MS_SLAVE, none).map_err(fail(shared))
+    };
+    set_up().inspect_err(|_| {
+        for dir in [shared, private] {
+            while crate::mountinfo::is_mount_point(dir) {
+                if umount2(dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW).is_err() {
+                    break;
+                }
+            }
+        }
     })
 }
 
 /// Removes a sandbox's state directory, detaching whatever is still mounted
-/// under its shared directory first (a crashed shim's leftovers included).
+/// under its shared directory and private tree first (a crashed shim's
+/// leftovers included). Nothing is removed while something stays mounted
+/// there: removing would reach into it.
 pub fn remove_state(dir: &Path) {
-    let shared = dir.join(SHARED_DIR);
     // Detaching the top mount takes every mount under it along.
-    while crate::mountinfo::is_mount_point(&shared) {
-        if nix::mount::umount2(&shared, nix::mount::MntFlags::MNT_DETACH).is_err() {
-            break;
+    for mounted in [dir.join(SHARED_DIR), dir.join(PRIVATE_DIR)] {
+        while crate::mountinfo::is_mount_point(&mounted) {
+            if nix::mount::umount2(
+                &mounted,
+                nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
+            )
+            .is_err()
+            {
+                break;
+            }
         }
+    }
+    let left = crate::mountinfo::mounts_under(dir);
+    if !left.is_empty() {
+        tracing::warn!(
+            "not removing {}: still mounted there: {left:?}",
+            dir.display()
+        );
+        return;
     }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -25,11 +25,12 @@ use super::io::{self, StdioPaths};
 use super::mounts::{self, MountSpec};
 use super::process::{timestamp, Process, VM_DIED_EXIT};
 use super::spec;
+use crate::beneath::Dir;
 use crate::config::SandboxConfig;
 use crate::health::{self, AgentWatch};
 use crate::network::PodNetwork;
 use crate::process_exit::ExitWatch;
-use crate::sandbox::{remove_state, Sandbox, SHARED_FS_TAG};
+use crate::sandbox::{guest_share_dir, private_share_dir, remove_state, Sandbox, SHARED_FS_TAG};
 use protocols::error_chain;
 
 /// Publishes task events to containerd.
@@ -88,7 +89,8 @@ pub struct Container {
     pub execs: HashMap<String, Arc<Process>>,
     /// Execs added but not started yet: their `process` JSON.
     pending_execs: HashMap<String, String>,
-    /// `<shared>/<id>`: its rootfs and shared binds.
+    /// `<mounts>/<id>` in the pod's private tree (the guest's
+    /// `<shared>/<id>`): its rootfs and shared binds.
     share: PathBuf,
     /// The init's output copiers, started at create.
     init_output: Vec<JoinHandle<()>>,
@@ -112,7 +114,8 @@ pub struct Pod {
     agent_stream: UnixStream,
     sandbox: Mutex<Option<Sandbox>>,
     pub vmm_pid: u32,
-    shared: PathBuf,
+    /// The pod's private tree (see [`crate::sandbox::private_share_dir`]).
+    private: PathBuf,
     state_dir: PathBuf,
     containers: Mutex<HashMap<String, Container>>,
     events: Arc<Events>,
@@ -158,6 +161,14 @@ impl Pod {
             config.net = network.take_attachments().into();
         }
         let dir = state_dir(namespace, id);
+        // Only root may enter the state tree: it holds every pod's volumes,
+        // secrets and tokens (an older runtime made it 0755).
+        let root = Path::new(super::STATE_ROOT);
+        for private in [root.to_path_buf(), root.join(namespace)] {
+            crate::sandbox::private_dir(&private).map_err(|e| {
+                PodError::Other(format!("making {} private: {e}", private.display()))
+            })?;
+        }
         // A crashed shim's leftovers for the same pod.
         remove_state(&dir);
         config.state_dir = Some(dir.clone());
@@ -216,7 +227,7 @@ impl Pod {
             client,
             agent_stream,
             vmm_pid: sandbox.vmm_pid(),
-            shared: sandbox.shared_dir(),
+            private: private_share_dir(sandbox.state_dir()),
             state_dir: sandbox.state_dir().to_path_buf(),
             sandbox: Mutex::new(Some(sandbox)),
             containers: Mutex::new(HashMap::new()),
@@ -293,12 +304,22 @@ impl Pod {
                 "container {id} already exists"
             )));
         }
-        let share = self.shared.join(id);
+        let share = self.private.join(id);
         let created = (|| {
-            mounts::mount_rootfs(rootfs, &bundle.join("rootfs"), &share.join("rootfs"))
+            // Every mount point is made beneath the private tree, never
+            // following a link (the tree is the guest's read-only anyway).
+            let container = Dir::open(&self.private)
+                .and_then(|private| private.create_dirs(Path::new(id)))
+                .map_err(|e| {
+                    PodError::InvalidArgument(format!(
+                        "making the container's directory {}: {e}",
+                        share.display()
+                    ))
+                })?;
+            mounts::mount_rootfs(rootfs, &bundle.join("rootfs"), &container)
                 .map_err(|e| PodError::Other(error_chain(&e)))?;
             let sandbox_pid = *self.sandbox_pid.lock().unwrap_or_else(|p| p.into_inner());
-            let spec = spec::for_guest(spec, id, &share, sandbox_pid)
+            let spec = spec::for_guest(spec, id, &container, sandbox_pid)
                 .map_err(|e| PodError::InvalidArgument(error_chain(&e)))?;
             let created = self
                 .client
@@ -329,7 +350,7 @@ impl Pod {
         let (stdin, init_output) = match created {
             Ok(io) => io,
             Err(e) => {
-                mounts::unmount_and_remove(&share);
+                self.remove_share(&share);
                 return Err(e);
             }
         };
@@ -576,7 +597,7 @@ impl Pod {
         for process in std::iter::once(&container.init).chain(container.execs.values()) {
             process.stdin.stop();
         }
-        mounts::unmount_and_remove(&container.share);
+        self.remove_share(&container.share);
         let exit = container.init.exit().expect("checked by delete_exit");
         self.events.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
@@ -595,6 +616,15 @@ impl Pod {
             container.bundle.display()
         );
         Ok((self.vmm_pid, exit))
+    }
+
+    /// Unmounts a container's mounts (in the private tree, and what
+    /// propagated of them to the guest's view) and removes its directory.
+    fn remove_share(&self, share: &Path) {
+        if let Some(name) = share.file_name() {
+            mounts::unmount_under(&guest_share_dir(&self.state_dir).join(name));
+        }
+        mounts::unmount_and_remove(share);
     }
 
     fn remove_in_guest(&self, id: &str) {

@@ -60,7 +60,8 @@ impl containerd_shim::Shim for KataShim {
             .map(|s| spec::pod_id(s, &self.id))
             .unwrap_or_else(|_| self.id.clone());
         let dir = state_dir(&self.namespace, &pod_id);
-        mounts::unmount_and_remove(&dir.join("shared").join(&self.id));
+        mounts::unmount_under(&crate::sandbox::guest_share_dir(&dir).join(&self.id));
+        mounts::unmount_and_remove(&crate::sandbox::private_share_dir(&dir).join(&self.id));
         if pod_id == self.id {
             // The VMM's cgroup, as `Sandbox::start` chose it.
             let cgroup = spec

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::mounts::{bind_into_share, MountError};
+use crate::beneath::Dir;
 use crate::sandbox::GUEST_SHARED_DIR;
 
 pub const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -135,8 +136,9 @@ pub fn is_cri_sandbox(spec: &Value) -> bool {
 }
 
 /// Rewrites `spec` for the guest, bind-mounting the host paths it names
-/// under `share` (the container's directory in the pod's shared directory,
-/// `<shared>/<container id>`). The rootfs itself is `share/rootfs`.
+/// under `share` (the container's directory in the pod's private tree,
+/// `<mounts>/<container id>`, which the guest sees as `<shared>/<container
+/// id>`). The rootfs itself is `share/rootfs`.
 ///
 /// Namespaces the spec joins by path (CRI: the pod sandbox's IPC, UTS and,
 /// with a shared process namespace, PID) join the same namespaces of the
@@ -146,7 +148,7 @@ pub fn is_cri_sandbox(spec: &Value) -> bool {
 pub fn for_guest(
     mut spec: Value,
     container_id: &str,
-    share: &Path,
+    share: &Dir,
     sandbox_pid: Option<u32>,
 ) -> Result<Value, SpecError> {
     spec["root"]["path"] = json!("rootfs");
@@ -203,7 +205,7 @@ fn guest_mount(
     mut mount: Value,
     index: usize,
     container_id: &str,
-    share: &Path,
+    share: &Dir,
 ) -> Result<Option<Value>, SpecError> {
     if !is_bind(&mount) {
         return Ok(Some(mount));
@@ -221,24 +223,34 @@ fn guest_mount(
         })));
     }
     let source = PathBuf::from(mount["source"].as_str().unwrap_or_default());
+    let drop_it = |why: &str| {
+        tracing::warn!(
+            "{container_id}: dropping bind mount of host {} on {destination}: {why}",
+            source.display()
+        );
+        Ok(None)
+    };
+    // Named so (the canonical path is checked again when it is opened).
     if ["/proc", "/sys", "/dev"]
         .iter()
         .any(|p| source.starts_with(p))
     {
-        tracing::warn!(
-            "{container_id}: dropping bind mount of host {} on {destination}",
-            source.display()
-        );
-        return Ok(None);
+        return drop_it("a kernel tree of the host");
     }
     let read_only = mount["options"]
         .as_array()
         .is_some_and(|o| o.iter().any(|o| o == "ro"));
     let name = format!("mounts/{index}");
-    bind_into_share(&source, &share.join(&name), read_only).map_err(|source| SpecError::Mount {
-        destination: destination.clone(),
-        source: Box::new(source),
-    })?;
+    match bind_into_share(&source, share, Path::new(&name), read_only) {
+        Ok(()) => {}
+        Err(MountError::Refused { why, .. }) => return drop_it(&why),
+        Err(source) => {
+            return Err(SpecError::Mount {
+                destination: destination.clone(),
+                source: Box::new(source),
+            })
+        }
+    }
     mount["source"] = json!(format!("{GUEST_SHARED_DIR}/{container_id}/{name}"));
     Ok(Some(mount))
 }
@@ -337,7 +349,9 @@ mod tests {
                 {"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"},
                 {"type": "ipc", "path": "/proc/42/ns/ipc"}]},
         });
-        let guest = for_guest(spec.clone(), "c1", Path::new("/nonexistent"), None).unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let share = Dir::open(share.path()).unwrap();
+        let guest = for_guest(spec.clone(), "c1", &share, None).unwrap();
         assert_eq!(guest["root"], json!({"path": "rootfs", "readonly": true}));
         assert!(guest.get("hooks").is_none());
         let mounts = guest["mounts"].as_array().unwrap();
@@ -348,7 +362,7 @@ mod tests {
             json!([{"type": "pid"}, {"type": "ipc"}])
         );
         // In a pod: the sandbox's IPC namespace in the guest.
-        let guest = for_guest(spec, "c1", Path::new("/nonexistent"), Some(7)).unwrap();
+        let guest = for_guest(spec, "c1", &share, Some(7)).unwrap();
         assert_eq!(
             guest["linux"]["namespaces"],
             json!([{"type": "pid"}, {"type": "ipc", "path": "/proc/7/ns/ipc"}])
@@ -359,7 +373,9 @@ mod tests {
     fn a_missing_bind_source_names_the_mount() {
         let spec = json!({"mounts": [
             {"destination": "/data", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]}]});
-        let err = for_guest(spec, "c1", Path::new("/nonexistent"), None).unwrap_err();
+        let share = tempfile::tempdir().unwrap();
+        let share = Dir::open(share.path()).unwrap();
+        let err = for_guest(spec, "c1", &share, None).unwrap_err();
         let text = protocols::error_chain(&err);
         assert!(
             text.contains("/data") && text.contains("/no/such/dir"),

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 const SWITCHES: &[&str] = &[
     "host-network",
     "pod-network",
+    "pod-privileged",
     "tty",
     "stdin",
     "verbose",

@@ -24,7 +24,8 @@ use crate::args::Args;
 /// containerd writes its `resolv.conf`; none: the node's), `--pod-label K=V`,
 /// `--pod-annotation K=V`, `--pod-memory BYTES` and `--pod-cpu-quota N` with
 /// `--pod-cpu-period N` (the pod's `linux.resources`: the sum of its
-/// containers' limits, which kubelet gives VM runtimes).
+/// containers' limits, which kubelet gives VM runtimes), `--pod-privileged`
+/// (the pod may hold privileged containers).
 pub fn pod_config(args: &mut Args) -> Result<PodSandboxConfig> {
     let Some(name) = args.value("pod-name") else {
         bail!("--pod-name is required");
@@ -83,6 +84,7 @@ pub fn pod_config(args: &mut Args) -> Result<PodSandboxConfig> {
             cgroup_parent: args.value("cgroup-parent").unwrap_or_default(),
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(namespace_options),
+                privileged: args.switch("pod-privileged"),
                 ..Default::default()
             }),
             resources,
