@@ -172,6 +172,11 @@ vcpus = 1
 # Guest memory. A pod costs this plus the VMM's own ~10 MiB: set the
 # RuntimeClass's overhead.podFixed.memory to memory_mib + 16 MiB.
 memory_mib = {memory}
+# The largest VM a pod gets, whatever its containers' limits ask (the shim
+# clamps to these and logs it): vCPUs (0: the host's CPUs, at most 32) and
+# MiB (0: the host's RAM).
+default_maxvcpus = 0
+default_maxmemory = 0
 # The guest's serial console, for debugging (one file per host; off by default).
 # console = "/var/log/microvm-console.log"
 # Extra guest kernel command line.
