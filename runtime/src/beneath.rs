@@ -107,7 +107,8 @@ impl Dir {
         &self.path
     }
 
-    /// The directory `relative` beneath this one, made (mode 0700) where
+    /// The directory `relative` beneath this one, made (mode 0711, as the
+    /// share's root: see `sandbox::share_dir`) where
     /// missing, one name at a time; fails on a symlink or anything other
     /// than a directory on the way.
     pub fn create_dirs(&self, relative: &Path) -> io::Result<Dir> {
@@ -118,7 +119,7 @@ impl Dir {
         for name in names(relative)? {
             // SAFETY: mkdirat on a C string that lives across the call; it
             // never follows a link at the name.
-            let rc = unsafe { libc::mkdirat(current.fd.as_raw_fd(), name.as_ptr(), 0o700) };
+            let rc = unsafe { libc::mkdirat(current.fd.as_raw_fd(), name.as_ptr(), 0o711) };
             if rc != 0 {
                 let error = io::Error::last_os_error();
                 if error.kind() != io::ErrorKind::AlreadyExists {

@@ -143,7 +143,7 @@ fn prepare_share(
         move |source| SandboxError::StateDir { path, source }
     };
     if config.shared_dir.is_none() {
-        private_dir(&shared).map_err(state_error(&shared))?;
+        share_dir(&shared).map_err(state_error(&shared))?;
     }
     let layers = dir.join(LAYERS_DIR);
     let mut mounts = Vec::new();
@@ -304,8 +304,23 @@ fn bind_in_own_namespace(mounts: &Binds) -> std::io::Result<()> {
 /// Makes `path` a directory only its owner may enter (0700), or checks
 /// that the one there is a directory, not a link, and makes it so.
 pub(crate) fn private_dir(path: &Path) -> std::io::Result<()> {
+    dir_with_mode(path, 0o700)
+}
+
+/// A share's root (0711), inside a private state directory: other host
+/// users cannot reach it anyway, and the guest sees its mode, where a
+/// user-namespaced container's setup must pass through it to mount its
+/// rootfs and volumes (0700 gave it EACCES). Not listable by others.
+pub(crate) fn share_dir(path: &Path) -> std::io::Result<()> {
+    dir_with_mode(path, SHARE_DIR_MODE)
+}
+
+/// The mode of the share's directories (see [`share_dir`]).
+pub(crate) const SHARE_DIR_MODE: u32 = 0o711;
+
+fn dir_with_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+    match std::fs::DirBuilder::new().mode(mode).create(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             if !std::fs::symlink_metadata(path)?.is_dir() {
@@ -314,7 +329,7 @@ pub(crate) fn private_dir(path: &Path) -> std::io::Result<()> {
         }
         Err(e) => return Err(e),
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// The state directory `dir` the configuration names (a pod's, under
@@ -769,7 +784,7 @@ fn share_late_mounts(private: &Path, shared: &Path) -> Result<(), SandboxError> 
         }
     };
     for dir in [private, shared] {
-        private_dir(dir).map_err(|source| SandboxError::StateDir {
+        share_dir(dir).map_err(|source| SandboxError::StateDir {
             path: dir.to_path_buf(),
             source,
         })?;
